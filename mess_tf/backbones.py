@@ -1,0 +1,277 @@
+"""DeepLab backbones from keras.applications, with dilation and candidate exit positions.
+
+A backbone is a keras.applications classification network with its classifier removed, its late
+strides replaced by dilation (DeepLab's "atrous" trick) for output stride 8 or 16, and cut at its
+last block output. Layer names are kept, so keras.applications weight files still load.
+
+Candidate exit positions are found from the graph, not from layer names (MobileNetV3's are
+auto-numbered): a position is a layer that every input-to-output path crosses (an articulation
+point) and that ends a block, i.e.
+  * a residual merge (an Add), or the activation applied right after it (ResNet's `*_out`), or
+  * a linear bottleneck: a 1x1 projection conv + batch norm whose output feeds convolutions
+    directly (MobileNet blocks without a residual).
+"""
+import dataclasses
+import os
+
+import tensorflow as tf
+
+from mess_tf import graph
+from mess_tf.latency import macs
+from mess_tf.keras_lib import keras, layers
+
+BACKBONES = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "resnet50", "resnet101")
+OUTPUT_STRIDES = (8, 16, 32)
+
+_APPLICATIONS = {
+    "mobilenet_v2": ("MobileNetV2", "tf"),
+    "mobilenet_v3_large": ("MobileNetV3Large", None),  # preprocessing is built into the model
+    "mobilenet_v3_small": ("MobileNetV3Small", None),
+    "resnet50": ("ResNet50", "caffe"),
+    "resnet101": ("ResNet101", "caffe"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    """Which backbone to build.
+
+    Attributes:
+      name: one of BACKBONES.
+      output_stride: 8, 16 (dilated late stages) or 32 (the classification network unchanged).
+      alpha: width multiplier (MobileNets only).
+      weights: None, or a local keras.applications .h5 weights file (with or without top).
+    """
+
+    name: str = "mobilenet_v2"
+    output_stride: int = 16
+    alpha: float = 1.0
+    weights: str = None
+
+    def __post_init__(self):
+        if self.name not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.name!r}; expected one of {', '.join(BACKBONES)}")
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride={self.output_stride} is not one of {OUTPUT_STRIDES}")
+        if self.alpha != 1.0 and self.name.startswith("resnet"):
+            raise ValueError(f"alpha={self.alpha}: width multipliers apply to MobileNets, not {self.name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """A candidate exit position: the output of one backbone block.
+
+    Attributes:
+      name: the Keras layer name producing the block output.
+      index: 0-based depth order among positions.
+      stride: output stride of the feature map (input pixels per feature pixel).
+      channels: feature channels.
+      cumulative_macs: MACs of the backbone from the input up to and including this block.
+    """
+
+    name: str
+    index: int
+    stride: int
+    channels: int
+    cumulative_macs: int
+
+
+@keras.utils.register_keras_serializable(package="mess_tf")
+class CaffePreprocess(layers.Layer):
+    """keras.applications "caffe" preprocessing for ResNets: RGB 0..255 -> BGR minus ImageNet mean."""
+
+    MEAN_BGR = (103.939, 116.779, 123.68)
+
+    def call(self, images):
+        return tf.reverse(images, axis=[-1]) - tf.constant(self.MEAN_BGR, dtype=images.dtype)
+
+
+def _preprocessing(kind, images):
+    """Applies the input scaling keras.applications weights expect to RGB images in 0..255."""
+    if kind == "tf":
+        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(images)
+    if kind == "caffe":
+        return CaffePreprocess(name="preprocess")(images)
+    return images
+
+
+def check_input_size(input_size, output_stride):
+    """Raises if (H, W) is not a positive multiple of the output stride."""
+    h, w = input_size
+    if h <= 0 or w <= 0 or h % output_stride or w % output_stride:
+        raise ValueError(
+            f"input size {h}x{w} is not divisible by the output stride {output_stride}; "
+            f"use a multiple of {output_stride}, e.g. {max(1, round(h / output_stride)) * output_stride}")
+
+
+def _classification_network(config, input_size, include_top=False):
+    """The unmodified keras.applications network on RGB 0..255 input named `image`."""
+    class_name, preprocessing = _APPLICATIONS[config.name]
+    images = keras.Input((*input_size, 3), name="image")
+    kwargs = dict(input_tensor=_preprocessing(preprocessing, images), include_top=include_top, weights=None)
+    if config.name.startswith("mobilenet"):
+        kwargs["alpha"] = config.alpha
+    if config.name.startswith("mobilenet_v3"):
+        kwargs["include_preprocessing"] = True
+    return getattr(keras.applications, class_name)(**kwargs)
+
+
+def load_weights_file(model, path):
+    """Loads a keras.applications .h5 weights file into `model` by layer name.
+
+    Every layer of `model` that has weights must be in the file with the same shapes; layers of
+    the file that `model` lacks (e.g. the classifier) are ignored.
+
+    Raises:
+      FileNotFoundError / ValueError naming the file and the first mismatching layer.
+    """
+    import h5py  # a tensorflow dependency
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            group = f["model_weights"] if "model_weights" in f else f
+            stored = {name: [group[name][w].shape for w in group[name].attrs["weight_names"]]
+                      for name in group.attrs["layer_names"]}
+            stored = {(k.decode() if isinstance(k, bytes) else k): v for k, v in stored.items()}
+    except (OSError, KeyError) as e:
+        raise ValueError(f"weights file {path} is not a Keras .h5 weights file: {e}") from None
+    for layer in model.layers:
+        expected = [tuple(w.shape) for w in layer.weights]
+        if not expected:
+            continue
+        if layer.name not in stored:
+            raise ValueError(f"weights file {path} does not match the model: it has no layer {layer.name!r}")
+        if [tuple(s) for s in stored[layer.name]] != expected:
+            raise ValueError(f"weights file {path} does not match the model: layer {layer.name!r} has "
+                             f"shapes {stored[layer.name]} in the file, the model expects {expected}")
+    model.load_weights(path, by_name=True)
+
+
+def _stride_map(model):
+    """Layer name -> (input stride, output stride) of the unmodified network."""
+    strides = {}
+    for layer in graph.topological_layers(model):
+        ps = graph.parents(layer)
+        s_in = max((strides[p.name][1] for p in ps), default=1)
+        step = getattr(layer, "strides", (1, 1))[0] if not isinstance(layer, layers.GlobalAveragePooling2D) else 1
+        strides[layer.name] = (s_in, s_in * step)
+    return strides
+
+
+def _dilated_configs(model, output_stride):
+    """New configs for the layers that DeepLab's atrous trick changes.
+
+    Once the feature map reaches `output_stride`, strides become 1 and every later spatial kernel
+    is dilated by (the stride it would have seen) / output_stride, which keeps receptive fields.
+    Explicit padding that served a "valid" strided conv becomes "same" padding.
+    """
+    changed = {}
+    for name, (s_in, s_out) in _stride_map(model).items():
+        layer = model.get_layer(name)
+        if s_in < output_stride or not isinstance(layer, (layers.ZeroPadding2D, layers.Conv2D,
+                                                          layers.DepthwiseConv2D, layers.MaxPooling2D,
+                                                          layers.AveragePooling2D)):
+            continue
+        config = layer.get_config()
+        if isinstance(layer, layers.ZeroPadding2D):
+            config["padding"] = ((0, 0), (0, 0))
+        elif isinstance(layer, (layers.Conv2D, layers.DepthwiseConv2D)):
+            config["strides"] = (1, 1)
+            if max(config["kernel_size"]) > 1:
+                rate = s_in // output_stride
+                config["dilation_rate"] = (rate, rate)
+                config["padding"] = "same"
+        elif s_out != s_in:
+            raise ValueError(f"cannot dilate strided layer {name!r} ({type(layer).__name__})")
+        changed[name] = config
+    return changed
+
+
+def _block_outputs(model):
+    """Names of the candidate exit positions of a truncated backbone, in depth order."""
+    consumers = graph.consumers(model)
+    positions = []
+    for name in graph.articulation_layers(model):
+        layer = model.get_layer(name)
+        if isinstance(layer, layers.Add):
+            after = consumers.get(name, [])
+            follow = model.get_layer(after[0]) if len(after) == 1 else None
+            is_activation = isinstance(follow, (layers.Activation, layers.ReLU))
+            positions.append(follow.name if is_activation else name)
+        elif isinstance(layer, layers.BatchNormalization) and _is_projection(model, layer, consumers):
+            positions.append(name)
+    return positions
+
+
+def _is_projection(model, bn, consumers):
+    conv = graph.parents(bn)[0]
+    is_1x1 = isinstance(conv, layers.Conv2D) and tuple(conv.kernel_size) == (1, 1) and conv.activation.__name__ == "linear"
+    feeds = [model.get_layer(c) for c in consumers.get(bn.name, [])]
+    return is_1x1 and bool(feeds) and all(
+        isinstance(f, (layers.Conv2D, layers.DepthwiseConv2D, layers.ZeroPadding2D, layers.Add)) for f in feeds)
+
+
+class Backbone:
+    """A dilated, truncated keras.applications backbone and its candidate exit positions.
+
+    Attributes:
+      config: the BackboneConfig.
+      input_size: (H, W) in pixels.
+      model: keras Model, RGB 0..255 images [B, H, W, 3] -> last block output [B, H/os, W/os, C].
+      positions: list of Position in depth order; the last one is the backbone output.
+    """
+
+    def __init__(self, config, input_size):
+        check_input_size(input_size, config.output_stride)
+        self.config, self.input_size = config, tuple(input_size)
+        original = _classification_network(config, self.input_size)
+        if config.weights:
+            load_weights_file(original, config.weights)
+        dilated = _dilate(original, config.output_stride)
+        names = _block_outputs(dilated)
+        self.model = keras.Model(dilated.input, dilated.get_layer(names[-1]).output, name=config.name)
+        per_layer = macs.layer_macs(self.model)
+        self.positions, cumulative, done = [], 0, set()
+        for index, name in enumerate(names):
+            needed = graph.ancestors([self.model.get_layer(name).output]) - done
+            cumulative += sum(per_layer.get(n, 0) for n in needed)
+            done |= needed
+            shape = self.model.get_layer(name).output.shape
+            self.positions.append(Position(name, index, self.input_size[0] // shape[1], int(shape[-1]), cumulative))
+
+    def position(self, name):
+        """The Position called `name`; raises a ValueError listing the valid names."""
+        for p in self.positions:
+            if p.name == name:
+                return p
+        raise ValueError(f"{name!r} is not a candidate position of {self.config.name}; "
+                         f"expected one of {[p.name for p in self.positions]}")
+
+    def feature(self, name):
+        """The KerasTensor of position `name` in self.model's graph."""
+        return self.model.get_layer(self.position(name).name).output
+
+
+def _dilate(model, output_stride):
+    changed = _dilated_configs(model, output_stride)
+    if not changed:
+        return model
+
+    def clone(layer):
+        config = changed.get(layer.name, layer.get_config())
+        return layer.__class__.from_config(config)
+
+    dilated = keras.models.clone_model(model, clone_function=clone)
+    for layer in dilated.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return dilated
+
+
+def classification_macs(name, alpha=1.0, input_size=(224, 224)):
+    """MACs of the unmodified keras.applications classifier (with its top): for checking the
+    cost model against the figures published for these networks."""
+    model = _classification_network(BackboneConfig(name, 32, alpha), input_size, include_top=True)
+    return sum(macs.layer_macs(model).values())

@@ -1,0 +1,198 @@
+"""MultiExitNetwork: a DeepLab network plus any set of early exits, and its stage models.
+
+One object owns one set of layers (backbone, final head, exit heads). From it come, all sharing
+those layers and so their weights:
+  * `model`: every exit, outputs keyed by exit id (`position:head_id`) and "final";
+  * `single_exit_model()`: the original DeepLab network;
+  * `subset_model(ids)`: the network with only some exits;
+  * `stage_models(ids)`: the network cut after each chosen exit. Stage k takes what earlier
+    stages computed and later stages need (the feature map at position k-1; for V3+ also the
+    decoder's low-level features) and returns exit k's logits plus what later stages need.
+    Chaining them reproduces `subset_model(ids)`.
+"""
+import dataclasses
+import re
+
+from mess_tf import backbones, graph, heads
+from mess_tf.deployment import FINAL_EXIT, exit_id
+from mess_tf.keras_lib import keras
+from mess_tf.latency import macs
+
+EXIT_LOGITS = "exit_logits"
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkConfig:
+    """Everything that fixes a network's architecture.
+
+    Attributes:
+      backbone: BackboneConfig.
+      num_classes: classes predicted (ignore label excluded).
+      input_size: (H, W) in pixels; divisible by the output stride.
+      final_head: FinalHeadConfig.
+    """
+
+    backbone: backbones.BackboneConfig = backbones.BackboneConfig()
+    num_classes: int = 21
+    input_size: tuple = (512, 512)
+    final_head: heads.FinalHeadConfig = heads.FinalHeadConfig()
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_size", tuple(self.input_size))
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes={self.num_classes}: a segmentation network needs at least 2 classes")
+        backbones.check_input_size(self.input_size, self.backbone.output_stride)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        return cls(backbone=backbones.BackboneConfig(**d.pop("backbone")),
+                   final_head=heads.FinalHeadConfig(**d.pop("final_head")), **d)
+
+
+def _layer_prefix(position, head_id):
+    return "exit_" + re.sub(r"[^A-Za-z0-9_]", "_", position) + "__" + head_id
+
+
+def parse_exit_id(eid):
+    """`position:head_id` -> (position, ExitHeadConfig)."""
+    position, sep, head_id = eid.rpartition(":")
+    if not sep:
+        raise ValueError(f"exit id {eid!r} is not of the form 'position:head_id'")
+    return position, heads.ExitHeadConfig.from_id(head_id)
+
+
+class MultiExitNetwork:
+    """A backbone, the final head, and a set of (position, head) exits.
+
+    Args:
+      config: NetworkConfig.
+      exits: iterable of exit ids, or of (position name, ExitHeadConfig) pairs.
+
+    Attributes:
+      backbone: backbones.Backbone.
+      exit_ids: exit ids in depth order (positions, then the order given).
+      model: keras Model, images [B, H, W, 3] RGB 0..255 -> {exit id | "final": logits [B, H, W, classes]}.
+    """
+
+    def __init__(self, config, exits=()):
+        self.config = config
+        self.backbone = backbones.Backbone(config.backbone, config.input_size)
+        pairs = [parse_exit_id(e) if isinstance(e, str) else tuple(e) for e in exits]
+        depth = {p.name: p.index for p in self.backbone.positions}
+        for position, _ in pairs:
+            self.backbone.position(position)  # raises on an unknown position
+        pairs.sort(key=lambda pair: depth[pair[0]])
+        self._logits = {}
+        for position, head in pairs:
+            eid = exit_id(position, head.id)
+            if eid in self._logits:
+                raise ValueError(f"exit {eid!r} is listed twice")
+            self._logits[eid] = heads.exit_head(self.backbone.feature(position), head, config.num_classes,
+                                                config.input_size, _layer_prefix(position, head.id))
+        self.exit_ids = list(self._logits)
+        low_level = None
+        if config.final_head.kind == "deeplabv3plus":
+            low_level = self.backbone.feature(self.decoder_position())
+        self._logits[FINAL_EXIT] = heads.final_head(
+            self.backbone.model.output, low_level, config.final_head, config.num_classes,
+            config.input_size, config.backbone.output_stride)
+        self.model = self.subset_model(self.exit_ids)
+
+    @property
+    def image(self):
+        return self.backbone.model.input
+
+    def decoder_position(self):
+        """The position whose features the V3+ decoder reads."""
+        if self.config.final_head.decoder_position:
+            return self.backbone.position(self.config.final_head.decoder_position).name
+        at_four = [p.name for p in self.backbone.positions if p.stride == 4]
+        if not at_four:
+            raise ValueError(f"{self.config.backbone.name} has no stride-4 position for the V3+ decoder")
+        return at_four[-1]
+
+    def position_of(self, eid):
+        """The Position an exit reads from."""
+        return self.backbone.position(parse_exit_id(eid)[0])
+
+    def _check_ids(self, ids):
+        unknown = [e for e in ids if e not in self._logits or e == FINAL_EXIT]
+        if unknown:
+            raise ValueError(f"exits {unknown} are not in this network; it has {self.exit_ids}")
+
+    def subset_model(self, ids):
+        """The network with only the exits `ids` (and the final exit), sharing weights."""
+        self._check_ids(ids)
+        ordered = [e for e in self.exit_ids if e in set(ids)]
+        outputs = {e: self._logits[e] for e in ordered + [FINAL_EXIT]}
+        return keras.Model(self.image, outputs, name="mess")
+
+    def single_exit_model(self):
+        """The original single-exit DeepLab network, sharing weights."""
+        return self.subset_model([])
+
+    def logits(self, eid):
+        """The logits KerasTensor of exit `eid` (or "final")."""
+        return self._logits[eid]
+
+    # -- stages --------------------------------------------------------------------------------
+
+    def stage_models(self, ids, truncate=False):
+        """Cuts the network after each exit in `ids`.
+
+        Args:
+          ids: exit ids in depth order (at most one per position).
+          truncate: if True, stop after the last exit (a budgeted model) instead of adding a
+            final stage that runs the rest of the backbone and the final head.
+
+        Returns:
+          list of keras Models. Stage 1 takes {"image"}; stage k takes tensors named after the
+          layers that produced them in stage < k. Each returns {EXIT_LOGITS: logits} plus those
+          named tensors that later stages need. Chained in order they reproduce
+          `subset_model(ids)` exit by exit.
+        """
+        self._check_ids(ids)
+        positions = [self.position_of(e).index for e in ids]
+        if positions != sorted(set(positions)):
+            raise ValueError(f"stage exits must be at increasing positions, got {ids}")
+        anchors = [[self._logits[e], self.backbone.feature(self.position_of(e).name)] for e in ids]
+        if not truncate:
+            anchors.append([self._logits[FINAL_EXIT]])
+        stage_layers, done = [], set()
+        for outputs in anchors:
+            needed = graph.ancestors(outputs) - done
+            stage_layers.append(needed)
+            done |= needed
+        order = graph.topological_layers(list(self._logits.values()))
+        return [self._stage(k, anchors[k][0], stage_layers, order) for k in range(len(anchors))]
+
+    def _stage(self, k, logits, stage_layers, order):
+        """Stage k+1: replays its layers from new inputs for what earlier stages computed."""
+        by_name = {layer.name: layer for layer in order}
+        rank = {layer.name: i for i, layer in enumerate(order)}
+        mine, earlier = stage_layers[k], set().union(*stage_layers[:k])
+        later = set().union(*stage_layers[k + 1:])
+
+        def produced_for(consumers, sources):
+            names = {p.name for c in consumers for p in graph.parents(by_name[c]) if p.name in sources}
+            return sorted(names, key=rank.get)
+
+        carried = produced_for(later, mine | earlier)
+        if k == 0:
+            new_inputs = {"image": keras.Input(self.image.shape[1:], name="image")}
+            feeds = [(self.image, new_inputs["image"])]
+        else:  # what this stage consumes, and what it passes through to later stages
+            needed = sorted(set(produced_for(mine, earlier)) | (set(carried) & earlier), key=rank.get)
+            new_inputs = {_io_name(n): keras.Input(by_name[n].output.shape[1:], name=_io_name(n)) for n in needed}
+            feeds = [(by_name[n].output, new_inputs[_io_name(n)]) for n in needed]
+        targets = {EXIT_LOGITS: logits, **{_io_name(n): by_name[n].output for n in carried}}
+        return keras.Model(new_inputs, graph.replay(targets, feeds), name=f"stage_{k + 1}")
+
+
+def _io_name(layer_name):
+    """A stage input/output name (TFLite signature names allow [A-Za-z0-9_])."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", layer_name)
