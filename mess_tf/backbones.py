@@ -214,30 +214,54 @@ def _is_projection(model, bn, consumers):
 
 
 class Backbone:
-    """A dilated, truncated keras.applications backbone and its candidate exit positions.
+    """A feature extractor cut at its candidate exit positions.
+
+    Build one from a BackboneConfig (a dilated, truncated keras.applications network) or, with
+    `from_model`, from any functional Keras graph and the names of its candidate layers.
 
     Attributes:
-      config: the BackboneConfig.
+      config: the BackboneConfig (None for a wrapped user model).
       input_size: (H, W) in pixels.
-      model: keras Model, RGB 0..255 images [B, H, W, 3] -> last block output [B, H/os, W/os, C].
+      model: keras Model, RGB 0..255 images [B, H, W, 3] -> last position's features [B, h, w, C].
       positions: list of Position in depth order; the last one is the backbone output.
+      segment_layers: position name -> names of the layers from the previous position to it.
     """
 
     def __init__(self, config, input_size):
         check_input_size(input_size, config.output_stride)
-        self.config, self.input_size = config, tuple(input_size)
-        original = _classification_network(config, self.input_size)
+        original = _classification_network(config, tuple(input_size))
         if config.weights:
             load_weights_file(original, config.weights)
         dilated = _dilate(original, config.output_stride)
-        names = _block_outputs(dilated)
-        self.model = keras.Model(dilated.input, dilated.get_layer(names[-1]).output, name=config.name)
+        self._index(config, dilated, _block_outputs(dilated))
+
+    @classmethod
+    def from_model(cls, model, position_names):
+        """Wraps a functional Keras model's graph, with its candidate positions given by name.
+
+        Args:
+          model: functional model whose (single) input is the image [B, H, W, 3].
+          position_names: names of the layers whose outputs are candidate positions.
+        """
+        names = [layer.name for layer in model.layers]
+        missing = [n for n in position_names if n not in names]
+        if missing:
+            raise ValueError(f"layers {missing} are not in model {model.name!r}")
+        depth = {layer.name: i for i, layer in enumerate(graph.topological_layers(model))}
+        backbone = cls.__new__(cls)
+        backbone._index(None, model, sorted(position_names, key=depth.get))
+        return backbone
+
+    def _index(self, config, model, names):
+        self.config, self.input_size = config, tuple(model.input.shape[1:3])
+        self.model = keras.Model(model.input, model.get_layer(names[-1]).output, name=getattr(config, "name", model.name))
         per_layer = macs.layer_macs(self.model)
-        self.positions, cumulative, done = [], 0, set()
+        self.positions, self.segment_layers, cumulative, done = [], {}, 0, set()
         for index, name in enumerate(names):
-            needed = graph.ancestors([self.model.get_layer(name).output]) - done
-            cumulative += sum(per_layer.get(n, 0) for n in needed)
-            done |= needed
+            segment = graph.ancestors([self.model.get_layer(name).output]) - done
+            done |= segment
+            self.segment_layers[name] = sorted(segment)
+            cumulative += sum(per_layer[n] for n in segment)
             shape = self.model.get_layer(name).output.shape
             self.positions.append(Position(name, index, self.input_size[0] // shape[1], int(shape[-1]), cumulative))
 
@@ -246,8 +270,18 @@ class Backbone:
         for p in self.positions:
             if p.name == name:
                 return p
-        raise ValueError(f"{name!r} is not a candidate position of {self.config.name}; "
+        raise ValueError(f"{name!r} is not a candidate position of {self.model.name}; "
                          f"expected one of {[p.name for p in self.positions]}")
+
+    def decoder_position(self, name=None):
+        """The position whose features a DeepLabV3+ decoder fuses: `name`, or by default the
+        deepest position at stride 4."""
+        if name:
+            return self.position(name).name
+        at_four = [p.name for p in self.positions if p.stride == 4]
+        if not at_four:
+            raise ValueError(f"{self.model.name} has no stride-4 position for the V3+ decoder")
+        return at_four[-1]
 
     def feature(self, name):
         """The KerasTensor of position `name` in self.model's graph."""

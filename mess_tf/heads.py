@@ -7,7 +7,7 @@ Every head ends with bilinear upsampling of its logits to the input size.
 import dataclasses
 import re
 
-from mess_tf.keras_lib import keras, layers
+from mess_tf.keras_lib import layers
 
 EXIT_KINDS = ("fcn", "aspp")
 FINAL_KINDS = ("deeplabv3", "deeplabv3plus")
@@ -190,7 +190,3 @@ def final_head(features, low_level, config, num_classes, input_size, output_stri
             x = _conv_bn_relu(x, config.filters, f"{name}_decoder{i}", 3, 1, config.separable)
     return _classify(x, num_classes, input_size, name)
 
-
-def head_input(shape, name="features"):
-    """A symbolic input for building a head on its own (costing, export of single heads)."""
-    return keras.Input(tuple(shape), name=name)

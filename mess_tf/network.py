@@ -16,7 +16,6 @@ import re
 from mess_tf import backbones, graph, heads
 from mess_tf.deployment import FINAL_EXIT, exit_id
 from mess_tf.keras_lib import keras
-from mess_tf.latency import macs
 
 EXIT_LOGITS = "exit_logits"
 
@@ -73,47 +72,60 @@ class MultiExitNetwork:
       exits: iterable of exit ids, or of (position name, ExitHeadConfig) pairs.
 
     Attributes:
+      config: the NetworkConfig (None for a wrapped user model).
       backbone: backbones.Backbone.
       exit_ids: exit ids in depth order (positions, then the order given).
       model: keras Model, images [B, H, W, 3] RGB 0..255 -> {exit id | "final": logits [B, H, W, classes]}.
     """
 
     def __init__(self, config, exits=()):
-        self.config = config
-        self.backbone = backbones.Backbone(config.backbone, config.input_size)
+        backbone = backbones.Backbone(config.backbone, config.input_size)
+        low_level = None
+        if config.final_head.kind == "deeplabv3plus":
+            low_level = backbone.feature(backbone.decoder_position(config.final_head.decoder_position))
+        final = heads.final_head(backbone.model.output, low_level, config.final_head, config.num_classes,
+                                 config.input_size, config.backbone.output_stride)
+        self._attach(config, backbone, final, exits)
+
+    @classmethod
+    def wrap(cls, model, position_names, exits=()):
+        """A user's functional segmentation model as a multi-exit network.
+
+        Args:
+          model: functional Keras model, images [B, H, W, 3] -> logits [B, h, w, classes]
+            (upsampled bilinearly to H x W if smaller).
+          position_names: names of its layers that are candidate exit positions.
+          exits: exit ids or (position, ExitHeadConfig) pairs, as for the constructor.
+        """
+        final = model.output
+        if tuple(final.shape[1:3]) != tuple(model.input.shape[1:3]):
+            final = keras.layers.Resizing(*model.input.shape[1:3], interpolation="bilinear", name="final_upsample")(final)
+        network = cls.__new__(cls)
+        network._attach(None, backbones.Backbone.from_model(model, position_names), final, exits)
+        return network
+
+    def _attach(self, config, backbone, final_logits, exits):
+        """Adds exit heads to `backbone`'s positions; the final exit is `final_logits`."""
+        self.config, self.backbone = config, backbone
+        num_classes, input_size = final_logits.shape[-1], backbone.input_size
         pairs = [parse_exit_id(e) if isinstance(e, str) else tuple(e) for e in exits]
-        depth = {p.name: p.index for p in self.backbone.positions}
         for position, _ in pairs:
-            self.backbone.position(position)  # raises on an unknown position
-        pairs.sort(key=lambda pair: depth[pair[0]])
+            backbone.position(position)  # raises on an unknown position
+        pairs.sort(key=lambda pair: backbone.position(pair[0]).index)
         self._logits = {}
         for position, head in pairs:
             eid = exit_id(position, head.id)
             if eid in self._logits:
                 raise ValueError(f"exit {eid!r} is listed twice")
-            self._logits[eid] = heads.exit_head(self.backbone.feature(position), head, config.num_classes,
-                                                config.input_size, _layer_prefix(position, head.id))
+            self._logits[eid] = heads.exit_head(backbone.feature(position), head, num_classes,
+                                                input_size, _layer_prefix(position, head.id))
         self.exit_ids = list(self._logits)
-        low_level = None
-        if config.final_head.kind == "deeplabv3plus":
-            low_level = self.backbone.feature(self.decoder_position())
-        self._logits[FINAL_EXIT] = heads.final_head(
-            self.backbone.model.output, low_level, config.final_head, config.num_classes,
-            config.input_size, config.backbone.output_stride)
+        self._logits[FINAL_EXIT] = final_logits
         self.model = self.subset_model(self.exit_ids)
 
     @property
     def image(self):
         return self.backbone.model.input
-
-    def decoder_position(self):
-        """The position whose features the V3+ decoder reads."""
-        if self.config.final_head.decoder_position:
-            return self.backbone.position(self.config.final_head.decoder_position).name
-        at_four = [p.name for p in self.backbone.positions if p.stride == 4]
-        if not at_four:
-            raise ValueError(f"{self.config.backbone.name} has no stride-4 position for the V3+ decoder")
-        return at_four[-1]
 
     def position_of(self, eid):
         """The Position an exit reads from."""

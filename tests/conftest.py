@@ -1,0 +1,5 @@
+"""Shared test setup: quiet TensorFlow, deterministic seeds."""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
