@@ -1,0 +1,107 @@
+"""Tables and plots people read: the headline table, the Pareto front, exit distributions, examples.
+
+Plots use matplotlib's Agg backend (no display) and are written atomically.
+"""
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+from mess_tf import io_utils  # noqa: E402
+
+HEADLINE_KEYS = ("name", "miou_test", "macs", "latency_ms_int8", "latency_ms_float",
+                 "ratio_vs_baseline_int8", "ratio_vs_baseline_float")
+
+
+def _save(fig, path):
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    io_utils.write_bytes(path, buffer.getvalue())
+
+
+def markdown_table(rows, columns, formats=None):
+    """A GitHub-markdown table of dict rows; `formats` maps a column to a format spec."""
+    formats = formats or {}
+
+    def cell(row, c):
+        value = row.get(c)
+        if value is None:
+            return "-"
+        return format(value, formats[c]) if c in formats else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row, c) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pareto_plot(path, points, front, markers=(), unit="ms", title="mIoU vs latency"):
+    """Scatter of candidate configurations with the Pareto front drawn through.
+
+    Args:
+      points: [N, 2] array of (cost, mIoU %) for the configurations evaluated (may be subsampled).
+      front: [M, 2] array of (cost, mIoU %) on the Pareto front.
+      markers: (label, cost, mIoU %) triples to mark, e.g. the baseline and chosen configurations.
+      unit: cost axis unit (ms or MACs).
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points, front = np.asarray(points, float).reshape(-1, 2), np.asarray(front, float).reshape(-1, 2)
+    if len(points):
+        ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.25, color="grey", label="configurations")
+    order = np.argsort(front[:, 0])
+    ax.step(front[order, 0], front[order, 1], where="post", color="C0", lw=2, label="Pareto front")
+    for i, (label, cost, miou) in enumerate(markers):
+        ax.scatter([cost], [miou], s=60, marker="**^Dvs"[i % 6], color=f"C{i + 1}", zorder=5, label=label)
+    ax.set_xlabel(f"expected cost per image ({unit})")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
+def exit_distribution_plot(path, distributions):
+    """Stacked bars: for each deployment, the fraction of images leaving at each of its exits.
+
+    Args:
+      distributions: {deployment name: {exit label: fraction}} (fractions of one deployment sum to 1).
+    """
+    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.5 * len(distributions)))
+    for row, (name, fractions) in enumerate(distributions.items()):
+        left = 0.0
+        for k, (label, fraction) in enumerate(fractions.items()):
+            ax.barh(row, fraction, left=left, color=f"C{k}", edgecolor="white")
+            if fraction > 0.06:
+                ax.text(left + fraction / 2, row, f"{label}\n{fraction:.0%}", ha="center", va="center", fontsize=7)
+            left += fraction
+    ax.set_yticks(range(len(distributions)), list(distributions))
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("fraction of test images")
+    ax.set_title("Where images exit")
+    _save(fig, path)
+
+
+def examples_plot(path, images, labels, predictions, palette, titles):
+    """A grid: one row per image (input, ground truth, then each exit's prediction).
+
+    Args:
+      images: list of uint8/float [H, W, 3] RGB 0..255.
+      labels: list of [H, W] class maps (255 = ignore, drawn black).
+      predictions: list (per image) of lists of [H, W] class maps, one per column in `titles`.
+      palette: uint8 [classes, 3].
+      titles: column titles of the predictions.
+    """
+    palette = np.concatenate([np.asarray(palette, np.uint8), np.zeros((256 - len(palette), 3), np.uint8)])
+    cols = 2 + len(titles)
+    fig, axes = plt.subplots(len(images), cols, figsize=(1.6 * cols, 1.6 * len(images)), squeeze=False)
+    for r, (image, label, preds) in enumerate(zip(images, labels, predictions)):
+        panels = [np.asarray(image, np.uint8), palette[label]] + [palette[p] for p in preds]
+        for c, panel in enumerate(panels):
+            axes[r, c].imshow(panel)
+            axes[r, c].axis("off")
+            if r == 0:
+                axes[r, c].set_title((["image", "truth"] + list(titles))[c], fontsize=7)
+    _save(fig, path)

@@ -1,0 +1,147 @@
+"""Host timing with the LiteRT interpreter, on tiny float32 / int8 / multi-signature models."""
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mess_tf.deployment import DeploymentConfig, ExitChoice
+from mess_tf.keras_lib import keras, layers
+from mess_tf.latency import host
+from mess_tf.latency import table as table_lib
+from mess_tf.latency.table import LatencyTable, PartLatency, TableKey, Timing
+
+FAST = host.HostTimingConfig(num_threads=1, warmup_runs=2, num_runs=7)
+
+
+def _conv_model(in_channels, out_channels, seed):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((16, 16, in_channels))
+    y = layers.Conv2D(out_channels, 3, padding="same", activation="relu")(x)
+    return keras.Model(x, y)
+
+
+def _float32(model):
+    return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+
+
+def _int8(model):
+    rng = np.random.default_rng(0)
+    shape = (1,) + tuple(model.input.shape[1:])
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([rng.random(shape, dtype=np.float32)] for _ in range(8))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    return converter.convert()
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    return _float32(_conv_model(3, 8, 0))
+
+
+@pytest.fixture(scope="module")
+def two_signature_model(tmp_path_factory):
+    first, second = _conv_model(3, 4, 1), _conv_model(4, 4, 2)
+    module = tf.Module()
+    module.first, module.second = first, second
+    signatures = {
+        "stage_1": tf.function(lambda x: {"features": first(x)}).get_concrete_function(
+            tf.TensorSpec((1, 16, 16, 3), tf.float32, name="x")),
+        "stage_2": tf.function(lambda x: {"features": second(x)}).get_concrete_function(
+            tf.TensorSpec((1, 16, 16, 4), tf.float32, name="x")),
+    }
+    folder = str(tmp_path_factory.mktemp("saved"))
+    tf.saved_model.save(module, folder, signatures=signatures)
+    return tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=list(signatures)).convert()
+
+
+def _check_timing(t, runs):
+    assert t.runs == runs and t.p90_method == "exact"
+    assert 0 < t.min_ms <= t.median_ms <= t.p90_ms <= t.max_ms
+
+
+def test_measure_float32_from_path(tmp_path, float_model):
+    path = tmp_path / "m.tflite"
+    path.write_bytes(float_model)
+    _check_timing(host.measure(str(path), config=FAST), FAST.num_runs)
+
+
+def test_int8_inputs_use_the_input_quantisation():
+    detail = {"x": {"shape": np.array([1, 64, 64, 3]), "dtype": np.int8, "quantization": (0.05, -10)}}
+    x = host.random_inputs(detail, seed=3)["x"]
+    assert x.dtype == np.int8 and x.shape == (1, 64, 64, 3)
+    # standard normal / 0.05 + (-10): centred on the zero point, spread 20 steps, clipped to int8.
+    assert abs(x.mean() + 10) < 1.0 and 15 < x.std() < 25
+    np.testing.assert_array_equal(x, host.random_inputs(detail, seed=3)["x"])
+
+
+def test_measure_int8_model():
+    _check_timing(host.measure(_int8(_conv_model(3, 8, 0)), config=FAST), FAST.num_runs)
+
+
+def test_signatures_of_a_multi_signature_model(two_signature_model):
+    _check_timing(host.measure(two_signature_model, "stage_2", FAST), FAST.num_runs)
+    _check_timing(host.measure_end_to_end(two_signature_model, ["stage_1", "stage_2"], FAST), FAST.num_runs)
+    with pytest.raises(ValueError, match=r"has signatures \['stage_1', 'stage_2'\]; choose one"):
+        host.measure(two_signature_model, config=FAST)
+    with pytest.raises(ValueError, match="no signature 'stage_3'"):
+        host.measure(two_signature_model, "stage_3", FAST)
+
+
+def test_bad_model_files_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="TFLite model not found"):
+        host.measure(str(tmp_path / "missing.tflite"), config=FAST)
+    garbage = tmp_path / "garbage.tflite"
+    garbage.write_bytes(b"not a flatbuffer at all")
+    with pytest.raises(ValueError, match="garbage.tflite is not a loadable TFLite model"):
+        host.measure(str(garbage), config=FAST)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU pinning on this platform")
+def test_pinning_applies_and_restores_affinity():
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    with host.pinned([cpu]):
+        assert os.sched_getaffinity(0) == {cpu}
+    assert os.sched_getaffinity(0) == before
+    with pytest.raises(ValueError, match="cannot pin to CPUs"):
+        with host.pinned([max(before) + 1000]):
+            pass
+
+
+def test_measure_parts_fills_and_resumes(tmp_path, float_model, monkeypatch):
+    key = TableKey(host.host_device(), "float32", 1, (16, 16))
+    path = str(tmp_path / "table.json")
+    parts = {"segment:p1": float_model, "head:p1:fcn": table_lib.PartModel(float_model, macs=1234)}
+    table = host.measure_parts(parts, path, key, ["p1", "p2"], FAST)
+    assert table.part_keys() == ["segment:p1", "head:p1:fcn"]
+    assert table.heads["p1:fcn"].macs == 1234 and table.heads["p1:fcn"].runs == FAST.num_runs
+    assert table.metadata["runtime"].startswith("ai-edge-litert")
+
+    timed = []
+    real_measure = host.measure
+    monkeypatch.setattr(host, "measure", lambda *a, **k: timed.append(a) or real_measure(*a, **k))
+    parts.update({"segment:p2": float_model, "final_head": float_model})
+    table = host.measure_parts(parts, path, key, ["p1", "p2"], FAST)
+    assert len(timed) == 2 and table.final_head is not None
+    assert LatencyTable.load(path) == table
+    with pytest.raises(ValueError, match="num_threads=1"):
+        host.measure_parts(parts, path, TableKey(host.host_device(), "float32", 4, (16, 16)), ["p1"], FAST)
+
+
+def test_composition_errors_arithmetic():
+    entry = lambda ms: PartLatency(ms, ms, 10)  # noqa: E731
+    table = LatencyTable(TableKey("host:x86_64", "float32", 1, (16, 16)), ("p1", "p2"),
+                         segments={"p1": entry(2.0), "p2": entry(3.0)}, heads={"p1:fcn": entry(1.0)},
+                         final_head=entry(4.0))
+    measured = lambda ms: Timing(ms, ms, ms, ms, ms, 0.0, 10)  # noqa: E731
+    checks, median = host.composition_errors(table, [
+        ("budgeted", DeploymentConfig("budgeted", [ExitChoice("p1", "fcn")]), measured(2.5)),  # composed 3.0
+        ("dynamic", DeploymentConfig("dynamic", [ExitChoice("p1", "fcn")]), measured(10.0)),  # composed 10.0
+        ("baseline", DeploymentConfig("budgeted"), measured(10.0)),  # composed 9.0
+    ])
+    assert [c.composed_ms for c in checks] == [3.0, 10.0, 9.0]
+    assert [c.error for c in checks] == pytest.approx([0.2, 0.0, 0.1])
+    assert median == pytest.approx(0.1)
