@@ -1,0 +1,219 @@
+"""Runs a staged MESS model (made by export.export_staged_model) with the LiteRT interpreter.
+
+The model really skips work: each stage is its own signature, so an image that exits early never
+runs the later stages. Modes:
+  * "budgeted": run the stages up to one exit (a budgeted export has exactly one stage);
+  * "dynamic":  run stage after stage; stop at the first early exit whose image confidence
+    (computed inside the model) reaches its th_img; otherwise the final exit;
+  * "anytime":  every exit's class map as it is produced (`anytime`); with a deadline, `run`
+    returns the latest map finished within it.
+
+    model = StagedModel.load("model.tflite")
+    result = model.run(image)               # the mode the model was exported for
+    result.class_map, result.exit_index, result.stage_ms, result.total_ms
+"""
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+from mess_tf import export, io_utils
+from mess_tf.deployment import MODES
+
+
+@dataclasses.dataclass
+class ExitResult:
+    """What one image got.
+
+    Attributes:
+      class_map: uint8 [H, W] class indices of the exit taken.
+      exit_index: 0-based index of that exit into `StagedModel.exit_ids`.
+      exit_id: its id (`position:head_id`, or "final").
+      confidences: image confidence of each early exit run, in order (fractions in [0, 1]).
+      stage_ms: wall time of each stage run (ms), including quantise/dequantise at the boundaries.
+      total_ms: wall time from the call to the result (ms).
+      deadline_met: anytime with a deadline: whether the map was finished within it.
+    """
+
+    class_map: np.ndarray
+    exit_index: int
+    exit_id: str
+    confidences: list
+    stage_ms: list
+    total_ms: float
+    deadline_met: bool = True
+
+
+class StagedModel:
+    """A staged .tflite and its metadata, ready to run.
+
+    Args:
+      model_path: the .tflite file.
+      metadata: its metadata dict (export.staged_metadata).
+      num_threads: interpreter threads (None: LiteRT's default).
+    """
+
+    def __init__(self, model_path, metadata, num_threads=None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.metadata = metadata
+        self.stages = [export.Stage(**{**s, "inputs": tuple(s["inputs"]), "features": tuple(s["features"])})
+                       for s in metadata["stages"]]
+        self.interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
+        self._runners = [self.interpreter.get_signature_runner(s.signature) for s in self.stages]
+        self._image_detail = self._runners[0].get_input_details()["image"]
+
+    @classmethod
+    def load(cls, path, num_threads=None):
+        """Loads MODEL.tflite and MODEL.tflite.json beside it."""
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"staged model not found: {path}")
+        return cls(path, io_utils.read_json(export.metadata_path(path), "staged-model metadata"), num_threads)
+
+    @property
+    def mode(self):
+        return self.metadata["mode"]
+
+    @property
+    def exit_ids(self):
+        return [s.exit_id for s in self.stages]
+
+    @property
+    def input_size(self):
+        return tuple(self.metadata["input"]["size"])
+
+    @property
+    def thresholds(self):
+        """th_img of each early exit, in order."""
+        return [s.th_img for s in self.stages if s.is_early_exit]
+
+    def _image(self, image):
+        image = np.asarray(image)
+        if image.ndim == 3:
+            image = image[None]
+        if image.shape != (1, *self.input_size, 3):
+            raise ValueError(f"image has shape {image.shape}; this model takes one RGB 0..255 image "
+                             f"[{self.input_size[0]}, {self.input_size[1]}, 3]")
+        return _quantise(image.astype(np.float32), self._image_detail)
+
+    def anytime(self, image, th_img=None, stop_early=False):
+        """Runs the stages in order, yielding an ExitResult after each exit.
+
+        Args:
+          image: RGB 0..255 [H, W, 3] (uint8 or float) at the model's input size.
+          th_img: image thresholds of the early exits (default the exported ones).
+          stop_early: stop after the first early exit whose confidence reaches its threshold
+            (dynamic mode); otherwise run every stage.
+
+        Yields:
+          ExitResult for each exit as it is produced; total_ms counts from the call.
+        """
+        thresholds = self._thresholds(th_img)
+        start = time.perf_counter()
+        feed, confidences, stage_ms = {"image": self._image(image)}, [], []
+        for k, (stage, runner) in enumerate(zip(self.stages, self._runners)):
+            stage_start = time.perf_counter()
+            outputs = runner(**feed)
+            class_map = outputs[export.CLASS_MAP][0]
+            if stage.is_early_exit:
+                detail = runner.get_output_details()[export.CONFIDENCE]
+                confidences.append(float(_dequantise(outputs[export.CONFIDENCE], detail).reshape(-1)[0]))
+            feed = {name: outputs[name] for name in stage.features}
+            now = time.perf_counter()
+            stage_ms.append((now - stage_start) * 1e3)
+            yield ExitResult(class_map, k, stage.exit_id, list(confidences), list(stage_ms), (now - start) * 1e3)
+            if stop_early and stage.is_early_exit and confidences[-1] >= thresholds[k]:
+                return
+
+    def run(self, image, mode=None, th_img=None, exit_index=None, deadline_ms=None):
+        """Segments one image.
+
+        Args:
+          image: RGB 0..255 [H, W, 3] at the model's input size.
+          mode: one of MODES (default the exported mode).
+          th_img: dynamic: image thresholds of the early exits (default the exported ones).
+          exit_index: budgeted: the exit to stop at (default the last stage's).
+          deadline_ms: anytime: return the latest map finished within this many ms (a stage is
+            never interrupted; if even the first misses it, the first map, with
+            deadline_met=False). None: run to the final exit.
+
+        Returns:
+          ExitResult.
+        """
+        mode = mode or self.mode
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        if mode == "budgeted":
+            last = len(self.stages) - 1 if exit_index is None else exit_index
+            if not 0 <= last < len(self.stages):
+                raise ValueError(f"exit_index={exit_index} is out of range: the model has exits {self.exit_ids}")
+            results = self.anytime(image)
+            for result in results:
+                if result.exit_index == last:
+                    results.close()
+                    return result
+        if mode == "dynamic":
+            *_, result = self.anytime(image, th_img, stop_early=True)
+            return result
+        latest = None
+        for result in self.anytime(image):
+            if deadline_ms is not None and result.total_ms > deadline_ms:
+                if latest is None:
+                    result.deadline_met = False
+                    return result
+                return latest
+            latest = result
+        return latest
+
+    def _thresholds(self, th_img):
+        """th_img per stage (None for the final stage), from the argument or the metadata."""
+        exported = [s.th_img for s in self.stages]
+        if th_img is None:
+            return exported
+        th_img = list(th_img)
+        if len(th_img) != len(self.thresholds):
+            raise ValueError(f"{len(th_img)} image thresholds given; the model has "
+                             f"{len(self.thresholds)} early exits")
+        return th_img + [None] * (len(exported) - len(th_img))
+
+
+def _quantise(x, detail):
+    """float -> the tensor's dtype, with its quantisation parameters if it is integer."""
+    scale, zero_point = detail["quantization"]
+    if detail["dtype"] == np.float32 or scale == 0:
+        return x.astype(detail["dtype"])
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(detail["dtype"])
+
+
+def _dequantise(x, detail):
+    scale, zero_point = detail["quantization"]
+    if detail["dtype"] == np.float32 or scale == 0:
+        return np.asarray(x, np.float32)
+    return (np.asarray(x, np.float32) - zero_point) * scale
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def read_images(folder, input_size):
+    """Reads the images of a folder (sorted by name), RGB, resized to `input_size` (H, W).
+
+    Returns:
+      list of (file name, float32 [H, W, 3] array, RGB 0..255).
+    """
+    from PIL import Image
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise ValueError(f"image folder {folder} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
+    height, width = input_size
+    images = []
+    for name in names:
+        with Image.open(os.path.join(folder, name)) as image:
+            image = image.convert("RGB").resize((width, height), Image.BILINEAR)
+            images.append((name, np.asarray(image, np.float32)))
+    return images

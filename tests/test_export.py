@@ -1,0 +1,161 @@
+"""TFLite conversion: parts and complete networks of every backbone, staged models, int8 hand-off."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mess_tf import backbones, deployment, export, heads, network
+from mess_tf.keras_lib import layers
+
+EXITS = ("block_2_add:fcn_w16_b0", "block_6_project_BN:fcn_w16_b1_rd")
+
+
+def calibrate_batch_norm(net, images):
+    """Gives a random-weight network batch-norm statistics of real activations, so its
+    activations neither vanish nor explode with depth and its class maps have real margins."""
+    for layer in net.model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = 0.0
+    net.model(images, training=True)
+
+
+def tiny_config(num_classes=5, kind="deeplabv3"):
+    return network.NetworkConfig(
+        backbone=backbones.BackboneConfig("mobilenet_v2", output_stride=16, alpha=0.35, weights=None),
+        num_classes=num_classes, input_size=(64, 64), final_head=heads.FinalHeadConfig(kind, filters=16, separable=True))
+
+
+def images(n, seed=0, size=64):
+    """Smooth random images: low-resolution noise upsampled, RGB 0..255."""
+    rng = np.random.RandomState(seed)
+    small = rng.uniform(0, 255, (n, size // 8, size // 8, 3)).astype(np.float32)
+    return tf.image.resize(small, (size, size)).numpy() + rng.normal(0, 8, (n, size, size, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    tf.keras.utils.set_random_seed(0)
+    net = network.MultiExitNetwork(tiny_config(), EXITS)
+    calibrate_batch_norm(net, images(8, seed=1))
+    return net
+
+
+def dynamic_config(net, th_pix=0.5, th_img=0.5):
+    exits = [deployment.ExitChoice(*eid.split(":"), th_pix=th_pix, th_img=th_img) for eid in net.exit_ids]
+    return deployment.DeploymentConfig("dynamic", exits, network=net.config.to_dict())
+
+
+def run_signature(model_bytes, key, **inputs):
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_content=model_bytes).get_signature_runner(key)(**inputs)
+
+
+# A position half-way down each backbone (at 32x32, output stride 8).
+MIDDLE_POSITIONS = {"mobilenet_v2": "block_8_add", "mobilenet_v3_large": "expanded_conv_7/Add",
+                    "mobilenet_v3_small": "expanded_conv_5/Add", "resnet50": "conv4_block2_out",
+                    "resnet101": "conv4_block10_out"}
+SLOW = pytest.mark.skipif(not os.environ.get("MESS_TF_SLOW_TESTS"),
+                          reason="ResNets take 25-50 s to build and convert; set MESS_TF_SLOW_TESTS=1")
+
+
+@pytest.mark.parametrize("name", [n if n.startswith("mobilenet") else pytest.param(n, marks=SLOW)
+                                  for n in backbones.BACKBONES])
+def test_every_backbone_with_aspp_dilation_and_resize_converts(name):
+    # Output stride 8 dilates the deepest blocks; an aspp exit, a rapid-dilation fcn exit and the
+    # DeepLabV3 head add ASPP (dilated separable convs, image pooling) and bilinear resizes.
+    tf.keras.utils.set_random_seed(0)
+    config = network.NetworkConfig(backbones.BackboneConfig(name, output_stride=8, weights=None, alpha=0.35
+                                                            if name.startswith("mobilenet") else 1.0),
+                                   num_classes=3, input_size=(32, 32), final_head=heads.FinalHeadConfig(filters=16))
+    middle = MIDDLE_POSITIONS[name]
+    net = network.MultiExitNetwork(config, [f"{middle}:aspp_w16_rd", f"{middle}:fcn_w16_b2_rd"])
+    model = net.model
+    model_bytes = export.convert_model(model, "float32")
+    image = images(1, size=32)
+    outputs = run_signature(model_bytes, "serving_default", input=image)
+    expected = model(image)
+    for eid in net.exit_ids + ["final"]:
+        np.testing.assert_allclose(outputs[eid], expected[eid].numpy(), atol=1e-3, rtol=1e-3)
+
+
+def test_parts_chain_to_the_network_and_convert(tiny_net):
+    parts = export.part_models(tiny_net)
+    positions = [p.name for p in tiny_net.backbone.positions]
+    assert list(parts) == ([f"segment/{p}" for p in positions] + [f"head/{e}" for e in tiny_net.exit_ids]
+                           + ["final_head"])
+    image = images(1)
+    features, x = {}, image
+    for p in positions:
+        x = parts[f"segment/{p}"](x).numpy()
+        features[p] = x
+    expected = tiny_net.model(image)
+    for eid in tiny_net.exit_ids:
+        head = parts[f"head/{eid}"](features[eid.split(":")[0]])
+        np.testing.assert_allclose(head.numpy(), expected[eid].numpy(), atol=1e-4)
+    final = parts["final_head"](features[positions[-1]])
+    np.testing.assert_allclose(final.numpy(), expected["final"].numpy(), atol=1e-4)
+    # One segment, one head and the final head through the converter, float16 and int8.
+    head_id = f"head/{EXITS[1]}"
+    float16 = export.convert_model(parts[head_id], "float16")
+    got = run_signature(float16, "serving_default", input=features["block_6_project_BN"])["output"]
+    np.testing.assert_allclose(got, expected[EXITS[1]].numpy(), atol=0.05, rtol=0.05)
+    calibration = export._part_calibration(tiny_net, {k: parts[k] for k in ("final_head",)}, images(4))
+    int8 = export.convert_model(parts["final_head"], "int8", calibration["final_head"])
+    from ai_edge_litert.interpreter import Interpreter
+    details = Interpreter(model_content=int8).get_signature_runner().get_input_details()
+    assert [d["dtype"] for d in details.values()] == [np.int8]
+
+
+def test_unknown_precision_and_missing_calibration_are_clear_errors(tiny_net):
+    with pytest.raises(ValueError, match="precision 'int4'"):
+        export.build_model(tiny_net, dynamic_config(tiny_net), "int4")
+    with pytest.raises(ValueError, match="calibration"):
+        export.build_model(tiny_net, dynamic_config(tiny_net), "int8")
+    with pytest.raises(ValueError, match=r"calibration image 0 has shape \(32, 32, 3\)"):
+        export.build_model(tiny_net, dynamic_config(tiny_net), "int8", calibration_images=images(1, size=32))
+
+
+def test_staged_model_signatures_metadata_and_weights_stored_once(tiny_net, tmp_path):
+    config = dynamic_config(tiny_net)
+    path = tmp_path / "model.tflite"
+    metadata = export.export_staged_model(path, tiny_net, config, "float32", class_names=list("abcde"))
+    on_disk = json.loads((tmp_path / "model.tflite.json").read_text())
+    assert on_disk == json.loads(json.dumps(metadata))
+    metadata = on_disk
+    assert [s["signature"] for s in metadata["stages"]] == ["stage_1", "stage_2", "stage_3"]
+    assert [s["exit_id"] for s in metadata["stages"]] == config.exit_ids
+    assert metadata["stages"][1]["inputs"] == ["block_2_add"]
+    assert metadata["stages"][1]["features"] == ["block_6_project_BN"]
+    assert metadata["classes"] == list("abcde")
+    assert metadata["input"]["size"] == [64, 64] and metadata["mode"] == "dynamic"
+    assert network.NetworkConfig.from_dict(metadata["network"]) == tiny_net.config
+    assert deployment.DeploymentConfig.from_dict(metadata["deployment"]).exits == config.exits
+    # Staging stores the weights once: the staged file is within 5% of the unstaged one.
+    unstaged, _ = export.build_model(tiny_net, config, "float32", staged=False)
+    assert abs(path.stat().st_size / len(unstaged) - 1) < 0.05
+
+
+def test_budgeted_model_is_truncated_after_its_exit(tiny_net):
+    config = deployment.DeploymentConfig("budgeted", [deployment.ExitChoice("block_2_add", "fcn_w16_b0")])
+    model_bytes, stages = export.build_model(tiny_net, config, "float32")
+    assert [s.exit_id for s in stages] == [EXITS[0]] and stages[0].features == ()
+    full, _ = export.build_model(tiny_net, dynamic_config(tiny_net), "float32")
+    assert len(model_bytes) < 0.5 * len(full)  # the rest of the backbone and the heads are gone
+
+
+def test_int8_stages_hand_off_int8_feature_maps_with_equal_scales(tiny_net):
+    model_bytes, stages = export.build_model(tiny_net, dynamic_config(tiny_net), "int8",
+                                             calibration_images=images(6, seed=2))
+    from ai_edge_litert.interpreter import Interpreter
+    interpreter = Interpreter(model_content=model_bytes)
+    first = interpreter.get_signature_runner("stage_1").get_output_details()["block_2_add"]
+    second = interpreter.get_signature_runner("stage_2").get_input_details()["block_2_add"]
+    assert first["dtype"] == second["dtype"] == np.int8
+    assert first["quantization"][1] == second["quantization"][1]
+    np.testing.assert_allclose(first["quantization"][0], second["quantization"][0], rtol=export.SCALE_RTOL)
+    # The check fails loudly on stages that do not chain.
+    with pytest.raises(ValueError, match="int8 hand-off stage_1 -> stage_3: feature map 'block_6_project_BN'"):
+        export.check_int8_handoff(model_bytes, [stages[0], stages[2]])

@@ -1,0 +1,118 @@
+"""The staged-model runtime: equivalence with the Keras network, and the three modes."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mess_tf import deployment, export, network, runtime
+from test_export import EXITS, calibrate_batch_norm, dynamic_config, images, tiny_config
+
+TIE_EPSILON = 1e-3  # logits this close are a tie: float rounding may pick either class
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    tf.keras.utils.set_random_seed(3)
+    net = network.MultiExitNetwork(tiny_config(), EXITS)
+    calibrate_batch_norm(net, images(8, seed=1))
+    return net
+
+
+@pytest.fixture(scope="module")
+def float_model(tiny_net, tmp_path_factory):
+    path = tmp_path_factory.mktemp("float") / "model.tflite"
+    export.export_staged_model(path, tiny_net, dynamic_config(tiny_net, th_pix=0.4, th_img=0.5), "float32")
+    return runtime.StagedModel.load(path)
+
+
+def top2_gap(logits):
+    top = np.sort(logits, axis=-1)
+    return top[..., -1] - top[..., -2]
+
+
+def test_float_class_maps_equal_keras_except_at_ties(tiny_net, float_model):
+    batch = images(3, seed=4)
+    expected = tiny_net.subset_model(list(EXITS))(batch)
+    for i, image in enumerate(batch):
+        results = list(float_model.anytime(image))
+        assert [r.exit_id for r in results] == list(EXITS) + ["final"]
+        for result in results:
+            logits = expected[result.exit_id].numpy()[i]
+            differ = result.class_map != np.argmax(logits, axis=-1)
+            assert result.class_map.shape == (64, 64) and result.class_map.dtype == np.uint8
+            assert np.all(top2_gap(logits)[differ] < TIE_EPSILON)
+
+
+def test_dynamic_stops_at_the_first_confident_exit(float_model):
+    image = images(1, seed=5)[0]
+    everything = list(float_model.anytime(image))
+    confidences = everything[-1].confidences
+    assert len(confidences) == 2 and all(0.0 <= c <= 1.0 for c in confidences)
+    # A threshold equal to an exit's confidence takes it; one just above it passes on.
+    above = [np.nextafter(c, 2.0) for c in confidences]
+    first = float_model.run(image, "dynamic", th_img=[confidences[0], 1.0])
+    assert first.exit_index == 0 and len(first.stage_ms) == 1
+    second = float_model.run(image, "dynamic", th_img=[above[0], confidences[1]])
+    assert second.exit_index == 1 and second.confidences == confidences
+    never = float_model.run(image, "dynamic", th_img=above)
+    assert never.exit_index == 2 and len(never.stage_ms) == 3
+    np.testing.assert_array_equal(never.class_map, everything[-1].class_map)
+    assert never.total_ms >= sum(never.stage_ms)
+    with pytest.raises(ValueError, match="1 image thresholds given; the model has 2 early exits"):
+        float_model.run(image, "dynamic", th_img=[0.5])
+
+
+def test_anytime_deadline_returns_the_latest_map_in_time(float_model):
+    image = images(1, seed=6)[0]
+    full = float_model.run(image, "anytime")
+    assert full.exit_index == 2 and full.deadline_met
+    impossible = float_model.run(image, "anytime", deadline_ms=0.0)
+    assert impossible.exit_index == 0 and not impossible.deadline_met
+    generous = float_model.run(image, "anytime", deadline_ms=60_000)
+    assert generous.exit_index == 2 and generous.deadline_met
+
+
+def test_budgeted_runs_one_truncated_exit(tiny_net, tmp_path):
+    config = deployment.DeploymentConfig("budgeted", [deployment.ExitChoice(*EXITS[1].split(":"))])
+    path = tmp_path / "budgeted.tflite"
+    export.export_staged_model(path, tiny_net, config, "float32")
+    model = runtime.StagedModel.load(path)
+    image = images(1, seed=7)[0]
+    result = model.run(image)
+    assert model.exit_ids == [EXITS[1]] and result.exit_id == EXITS[1] and len(result.stage_ms) == 1
+    logits = tiny_net.model(image[None])[EXITS[1]].numpy()[0]
+    differ = result.class_map != np.argmax(logits, -1)
+    assert np.all(top2_gap(logits)[differ] < TIE_EPSILON)
+
+
+def test_bad_input_is_a_clear_error(float_model, tmp_path):
+    with pytest.raises(ValueError, match=r"image has shape \(1, 32, 32, 3\).*\[64, 64, 3\]"):
+        float_model.run(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="mode 'fast'"):
+        float_model.run(np.zeros((64, 64, 3), np.uint8), "fast")
+    with pytest.raises(FileNotFoundError, match="staged model not found"):
+        runtime.StagedModel.load(tmp_path / "missing.tflite")
+
+
+def miou(a, b, num_classes):
+    ious = []
+    for c in range(num_classes):
+        union = np.sum((a == c) | (b == c))
+        if union:
+            ious.append(np.sum((a == c) & (b == c)) / union)
+    return float(np.mean(ious))
+
+
+def test_int8_model_agrees_with_keras(tiny_net, tmp_path):
+    path = tmp_path / "int8.tflite"
+    export.export_staged_model(path, tiny_net, dynamic_config(tiny_net), "int8", calibration_images=images(8, seed=1))
+    model = runtime.StagedModel.load(path)
+    batch = images(3, seed=8)
+    expected = tiny_net.model(batch)
+    first_exit_agreement = []
+    for i, image in enumerate(batch):
+        results = list(model.anytime(image))
+        assert [r.exit_id for r in results] == list(EXITS) + ["final"]
+        reference = np.argmax(expected[EXITS[0]].numpy()[i], -1)
+        first_exit_agreement.append(miou(results[0].class_map, reference, tiny_net.config.num_classes))
+    # A random-weight network has small logit margins; a trained one is checked on the demo split.
+    assert np.mean(first_exit_agreement) > 0.8
