@@ -32,6 +32,7 @@ import tensorflow as tf
 from mess_tf import graph, io_utils, network, policy
 from mess_tf.deployment import FINAL_EXIT
 from mess_tf.keras_lib import keras
+from mess_tf.latency import table
 
 PRECISIONS = ("float32", "float16", "int8")
 CLASS_MAP = "class_map"
@@ -156,9 +157,9 @@ def part_models(net, exit_ids=None):
       exit_ids: exits whose heads to include (default: all of net.exit_ids).
 
     Returns:
-      dict, in depth order: "segment/<position>" -> model (features at the previous position, or
+      dict keyed by latency.table.part_key, in depth order: "segment:<position>" -> model (features at the previous position, or
       the image [1, H, W, 3] RGB 0..255 for the first, -> features at <position>);
-      "head/<exit id>" -> model (features at its position -> logits [1, H, W, classes]);
+      "head:<exit id>" -> model (features at its position -> logits [1, H, W, classes]);
       "final_head" -> model (backbone output [and, for V3+, the decoder's low-level features]
       -> logits).
     """
@@ -169,15 +170,15 @@ def part_models(net, exit_ids=None):
         source = keras.Input(previous.shape[1:], name="image" if previous is net.image else
                              network._io_name(graph.producer(previous).name))
         target = net.backbone.feature(position.name)
-        parts[f"segment/{position.name}"] = keras.Model(
+        parts[table.part_key(table.SEGMENT, position.name)] = keras.Model(
             source, graph.replay(target, [(previous, source)]), name=f"segment_{network._io_name(position.name)}")
         previous = target
     for eid in exit_ids:
         feature = net.backbone.feature(net.position_of(eid).name)
         source = _input_like(feature, net.position_of(eid).name)
-        parts[f"head/{eid}"] = keras.Model(source, graph.replay(net.logits(eid), [(feature, source)]),
+        parts[table.part_key(table.HEAD, eid)] = keras.Model(source, graph.replay(net.logits(eid), [(feature, source)]),
                                            name="head_" + network._io_name(eid))
-    parts["final_head"] = _final_head_model(net)
+    parts[table.FINAL_HEAD] = _final_head_model(net)
     return parts
 
 

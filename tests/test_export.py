@@ -84,16 +84,16 @@ def test_every_backbone_with_aspp_dilation_and_resize_converts(name):
 def test_parts_chain_to_the_network_and_convert(tiny_net):
     parts = export.part_models(tiny_net)
     positions = [p.name for p in tiny_net.backbone.positions]
-    assert list(parts) == ([f"segment/{p}" for p in positions] + [f"head/{e}" for e in tiny_net.exit_ids]
+    assert list(parts) == ([f"segment:{p}" for p in positions] + [f"head:{e}" for e in tiny_net.exit_ids]
                            + ["final_head"])
     image = images(1)
     features, x = {}, image
     for p in positions:
-        x = parts[f"segment/{p}"](x).numpy()
+        x = parts[f"segment:{p}"](x).numpy()
         features[p] = x
     expected = tiny_net.model(image)
     for eid in tiny_net.exit_ids:
-        head = parts[f"head/{eid}"](features[eid.split(":")[0]])
+        head = parts[f"head:{eid}"](features[eid.split(":")[0]])
         np.testing.assert_allclose(head.numpy(), expected[eid].numpy(), atol=1e-4)
     final = parts["final_head"](features[positions[-1]])
     np.testing.assert_allclose(final.numpy(), expected["final"].numpy(), atol=1e-4)

@@ -1,0 +1,222 @@
+"""The exit policy: pixel confidence, edge-aware smoothing, image confidence, exit decision.
+
+DESIGN.md §1.3. For one exit's logits [H, W, C] (at input resolution):
+
+  1. pixel confidence: top-1 softmax probability, or 1 - H(p) / log(C) ("entropy"), both in [0, 1];
+  2. edge-aware smoothing: pixels near a semantic edge of the exit's OWN prediction (argmax map)
+     take the median confidence of their k x k neighbourhood, so that object boundaries, where
+     every network is unsure, do not veto an otherwise confident exit. A pixel is an edge pixel
+     where its predicted class differs from a 4-neighbour's (the exact edges of a label map);
+     edges are dilated by `radius` pixels and the median window is k = 2 * radius + 1;
+  3. image confidence: the fraction of pixels whose smoothed confidence is >= th_pix;
+  4. exit if image confidence >= th_img.
+
+The exit's logits are bilinear upsamplings of a grid with one cell per `stride` input pixels, so
+its boundaries are blurred over a band that grows with the stride: radius = max(1,
+round(edge_radius_per_stride * stride)) (stride 8 -> 1, 16 -> 2, 32 -> 4 with the default 1/8).
+
+There is one numpy implementation (used by calibration) and one TensorFlow implementation (`*_tf`,
+batched [B, H, W, C], pure TF ops that TFLite converts: slicing, max_pool2d, top_k, MIRROR_PAD) used
+inside Keras models and exported graphs; tests/test_policy.py proves they agree. Decisions never
+see labels.
+"""
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+CONFIDENCES = ("top1", "entropy")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """How confidence is measured.
+
+    Attributes:
+      confidence: "top1" (max softmax probability) or "entropy" (1 - H / log C).
+      edge_smoothing: replace the confidence of pixels near predicted edges by the median of
+        their neighbourhood.
+      edge_radius_per_stride: edge band half-width (and median window radius) in input pixels
+        per unit of the exit's output stride.
+    """
+
+    confidence: str = "top1"
+    edge_smoothing: bool = True
+    edge_radius_per_stride: float = 0.125
+
+    def __post_init__(self):
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"policy confidence {self.confidence!r} is not one of {CONFIDENCES}")
+        if self.edge_radius_per_stride <= 0:
+            raise ValueError(f"edge_radius_per_stride must be > 0, got {self.edge_radius_per_stride}")
+
+    def radius(self, stride):
+        """Edge band half-width and median window radius, in input pixels, for an exit at `stride`."""
+        return max(1, int(round(self.edge_radius_per_stride * stride)))
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+# ---- numpy (calibration) ----------------------------------------------------------------------
+
+def _softmax(logits):
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def pixel_confidence(logits, cfg=PolicyConfig()):
+    """Per-pixel confidence in [0, 1].
+
+    Args:
+      logits: float [H, W, C] (or any leading dims) class logits.
+      cfg: PolicyConfig.
+    Returns:
+      float32 [H, W].
+    """
+    probs = _softmax(np.asarray(logits, np.float32))
+    if cfg.confidence == "top1":
+        return probs.max(axis=-1)
+    entropy = -np.sum(probs * np.log(np.maximum(probs, np.float32(1e-12))), axis=-1)
+    return (1.0 - entropy / np.float32(np.log(probs.shape[-1]))).astype(np.float32)
+
+
+def edge_mask(pred, radius):
+    """Pixels within `radius` (Chebyshev distance) of a predicted class boundary.
+
+    Args:
+      pred: int [H, W] predicted label map.
+    Returns:
+      bool [H, W].
+    """
+    horizontal = pred[:, 1:] != pred[:, :-1]
+    vertical = pred[1:, :] != pred[:-1, :]
+    edges = np.zeros(pred.shape, bool)
+    edges[:, 1:] |= horizontal
+    edges[:, :-1] |= horizontal
+    edges[1:, :] |= vertical
+    edges[:-1, :] |= vertical
+    k = 2 * radius + 1
+    padded = np.pad(edges, radius)
+    return np.lib.stride_tricks.sliding_window_view(padded, (k, k)).any(axis=(-2, -1))
+
+
+def smooth_confidence(conf, pred, stride, cfg=PolicyConfig()):
+    """Edge-aware median smoothing of a confidence map.
+
+    Args:
+      conf: float [H, W] pixel confidence.
+      pred: int [H, W] the exit's own argmax prediction.
+      stride: the exit's output stride (input pixels per feature pixel).
+    Returns:
+      float32 [H, W]: conf, with pixels near predicted edges replaced by the median of their
+      (2r+1) x (2r+1) neighbourhood (reflect padding at the image border).
+    """
+    conf = np.asarray(conf, np.float32)
+    if not cfg.edge_smoothing:
+        return conf
+    radius = cfg.radius(stride)
+    near_edge = edge_mask(pred, radius)
+    k = 2 * radius + 1
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(conf, radius, mode="reflect"), (k, k))
+    out = conf.copy()
+    # Median of an odd count is the middle order statistic; computed only where it is used.
+    out[near_edge] = np.median(windows[near_edge].reshape(-1, k * k), axis=-1)
+    return out
+
+
+def smoothed_confidence(logits, stride, cfg=PolicyConfig()):
+    """pixel_confidence then smooth_confidence with the logits' own argmax. [H, W, C] -> [H, W]."""
+    logits = np.asarray(logits, np.float32)
+    return smooth_confidence(pixel_confidence(logits, cfg), logits.argmax(axis=-1), stride, cfg)
+
+
+def image_confidence(logits, th_pix, stride, cfg=PolicyConfig()):
+    """Fraction of pixels whose smoothed confidence is >= th_pix. [H, W, C] logits -> float."""
+    return float(np.mean(smoothed_confidence(logits, stride, cfg) >= np.float32(th_pix)))
+
+
+def confidence_fractions(logits, stride, th_pix_grid, cfg=PolicyConfig()):
+    """image_confidence for every th_pix of a grid in one pass (one sort).
+
+    Args:
+      logits: float [H, W, C].
+      th_pix_grid: float [P] pixel thresholds.
+    Returns:
+      float64 [P]: fraction of pixels with smoothed confidence >= th_pix_grid[p].
+    """
+    conf = np.sort(smoothed_confidence(logits, stride, cfg).ravel())
+    below = np.searchsorted(conf, np.asarray(th_pix_grid, np.float32), side="left")
+    return (conf.size - below) / conf.size
+
+
+def should_exit(image_conf, th_img):
+    """The exit decision: image confidence >= th_img."""
+    return image_conf >= th_img
+
+
+# ---- TensorFlow (in-graph, batched, TFLite-convertible) -----------------------------------------
+
+def pixel_confidence_tf(logits, cfg=PolicyConfig()):
+    """[B, H, W, C] logits -> [B, H, W] float32 confidence (see pixel_confidence)."""
+    logits = tf.cast(logits, tf.float32)
+    probs = tf.nn.softmax(logits, axis=-1)
+    if cfg.confidence == "top1":
+        return tf.reduce_max(probs, axis=-1)
+    entropy = -tf.reduce_sum(probs * tf.math.log(tf.maximum(probs, 1e-12)), axis=-1)
+    return 1.0 - entropy / float(np.log(float(logits.shape[-1])))
+
+
+def edge_mask_tf(pred, radius):
+    """[B, H, W] int label maps -> [B, H, W] float32, 1 within `radius` of a class boundary."""
+    horizontal = tf.cast(tf.not_equal(pred[:, :, 1:], pred[:, :, :-1]), tf.float32)
+    vertical = tf.cast(tf.not_equal(pred[:, 1:, :], pred[:, :-1, :]), tf.float32)
+    edges = tf.maximum(
+        tf.maximum(tf.pad(horizontal, [[0, 0], [0, 0], [1, 0]]), tf.pad(horizontal, [[0, 0], [0, 0], [0, 1]])),
+        tf.maximum(tf.pad(vertical, [[0, 0], [1, 0], [0, 0]]), tf.pad(vertical, [[0, 0], [0, 1], [0, 0]])))
+    k = 2 * radius + 1
+    return tf.nn.max_pool2d(edges[..., None], ksize=k, strides=1, padding="SAME")[..., 0]
+
+
+def _median_filter_tf(conf, radius):
+    """[B, H, W] -> [B, H, W] median of each (2r+1)^2 window (reflect padding).
+
+    Built from k*k slices and top_k (not extract_patches), which TFLite runs as builtins.
+    """
+    k = 2 * radius + 1
+    height, width = conf.shape[1], conf.shape[2]
+    padded = tf.pad(conf, [[0, 0], [radius, radius], [radius, radius]], mode="REFLECT")
+    windows = tf.stack([padded[:, i:i + height, j:j + width] for i in range(k) for j in range(k)], axis=-1)
+    # The median of k*k (odd) values is the (k*k // 2 + 1)-th largest.
+    return tf.math.top_k(windows, k=k * k // 2 + 1, sorted=True).values[..., -1]
+
+
+def smooth_confidence_tf(conf, pred, stride, cfg=PolicyConfig()):
+    """Batched smooth_confidence: conf [B, H, W], pred [B, H, W] int -> [B, H, W]."""
+    if not cfg.edge_smoothing:
+        return conf
+    radius = cfg.radius(stride)
+    near_edge = edge_mask_tf(pred, radius) > 0.5
+    return tf.where(near_edge, _median_filter_tf(conf, radius), conf)
+
+
+def smoothed_confidence_tf(logits, stride, cfg=PolicyConfig()):
+    """[B, H, W, C] logits -> [B, H, W] smoothed confidence."""
+    pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return smooth_confidence_tf(pixel_confidence_tf(logits, cfg), pred, stride, cfg)
+
+
+def image_confidence_tf(logits, th_pix, stride, cfg=PolicyConfig()):
+    """[B, H, W, C] logits -> [B] float32 fraction of pixels with smoothed confidence >= th_pix."""
+    passed = tf.cast(smoothed_confidence_tf(logits, stride, cfg) >= th_pix, tf.float32)
+    return tf.reduce_mean(passed, axis=[1, 2])
+
+
+def should_exit_tf(image_conf, th_img):
+    """[B] image confidence -> [B] bool exit decisions (>= th_img)."""
+    return image_conf >= th_img

@@ -1,0 +1,112 @@
+"""The exit policy: numpy and in-graph versions agree, smoothing touches only edges, TFLite converts it."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mess_tf import policy
+
+CLASSES = 5
+
+
+def _structured_logits(seed, batch=2, size=(24, 20)):
+    """Logits with blob-shaped regions (real edges) plus noise, so smoothing has work to do."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    logits = rng.normal(0, 0.7, (batch, h, w, CLASSES))
+    for b in range(batch):
+        for c in range(CLASSES):
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            logits[b, :, :, c] += 3.0 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (w / 4) ** 2))
+    return logits.astype(np.float32)
+
+
+@pytest.mark.parametrize("cfg", [policy.PolicyConfig(), policy.PolicyConfig("entropy"),
+                                 policy.PolicyConfig(edge_smoothing=False)])
+@pytest.mark.parametrize("stride", [8, 16, 32])
+def test_numpy_and_tf_agree(cfg, stride):
+    logits = _structured_logits(stride)
+    conf_tf = policy.smoothed_confidence_tf(tf.constant(logits), stride, cfg).numpy()
+    thresholds = [0.3, 0.5, 0.7]
+    for b in range(logits.shape[0]):
+        conf_np = policy.smoothed_confidence(logits[b], stride, cfg)
+        np.testing.assert_allclose(conf_np, conf_tf[b], atol=1e-6)
+        fractions = policy.confidence_fractions(logits[b], stride, thresholds, cfg)
+        for th, fraction in zip(thresholds, fractions):
+            assert fraction == policy.image_confidence(logits[b], th, stride, cfg)
+            got = policy.image_confidence_tf(tf.constant(logits[b:b + 1]), th, stride, cfg).numpy()[0]
+            assert abs(got - fraction) < 1e-6
+
+
+def test_smoothing_changes_edge_pixels_only():
+    logits = _structured_logits(1, batch=1)[0]
+    cfg = policy.PolicyConfig()
+    raw = policy.pixel_confidence(logits, cfg)
+    smoothed = policy.smoothed_confidence(logits, 16, cfg)
+    near_edge = policy.edge_mask(logits.argmax(-1), cfg.radius(16))
+    assert 0 < near_edge.mean() < 1
+    np.testing.assert_array_equal(smoothed[~near_edge], raw[~near_edge])
+    assert np.mean(smoothed[near_edge] != raw[near_edge]) > 0.5
+
+
+def test_smoothing_lifts_a_boundary_dip():
+    """Two confident regions meeting along a column of unsure pixels: the median restores them."""
+    logits = np.zeros((12, 12, 2), np.float32)
+    logits[:, :6, 0] = logits[:, 6:, 1] = 4.0
+    logits[:, 5:7, :] = [[0.1, 0.0]] * 2  # the boundary columns are barely decided
+    smoothed = policy.smoothed_confidence(logits, 16, policy.PolicyConfig())
+    raw = policy.pixel_confidence(logits)
+    assert raw[:, 5:7].max() < 0.53 and smoothed[:, 5:7].min() > 0.98
+    assert policy.image_confidence(logits, 0.9, 16) == 1.0 > policy.image_confidence(
+        logits, 0.9, 16, policy.PolicyConfig(edge_smoothing=False))
+
+
+def test_edge_mask_of_a_two_region_map():
+    pred = np.zeros((6, 8), int)
+    pred[:, 4:] = 1
+    np.testing.assert_array_equal(policy.edge_mask(pred, 1).any(axis=0), [0, 0, 1, 1, 1, 1, 0, 0])
+    assert not policy.edge_mask(np.zeros((5, 5), int), 2).any()
+
+
+def test_entropy_confidence_range():
+    uniform = np.zeros((2, 2, CLASSES), np.float32)
+    certain = np.full((2, 2, CLASSES), -50.0, np.float32)
+    certain[..., 0] = 50.0
+    cfg = policy.PolicyConfig("entropy")
+    np.testing.assert_allclose(policy.pixel_confidence(uniform, cfg), 0.0, atol=1e-6)
+    np.testing.assert_allclose(policy.pixel_confidence(certain, cfg), 1.0, atol=1e-6)
+    np.testing.assert_allclose(policy.pixel_confidence(uniform), 1.0 / CLASSES, atol=1e-6)
+
+
+def test_fractions_are_monotone_in_thresholds():
+    logits = _structured_logits(3, batch=1)[0]
+    grid = np.linspace(0.0, 1.0, 21)
+    fractions = policy.confidence_fractions(logits, 8, grid)
+    assert fractions[0] == 1.0
+    assert np.all(np.diff(fractions) <= 0)
+    assert [bool(policy.should_exit(fractions[5], t)) for t in (0.0, fractions[5], 1.01)] == [True, True, False]
+
+
+def test_bad_policy_config_is_refused():
+    with pytest.raises(ValueError, match="not one of"):
+        policy.PolicyConfig("margin")
+
+
+def test_tf_image_confidence_converts_to_tflite():
+    from ai_edge_litert.interpreter import Interpreter
+
+    cfg, stride, th_pix = policy.PolicyConfig(), 16, 0.6
+    logits = _structured_logits(7, batch=1)
+
+    @tf.function(input_signature=[tf.TensorSpec(logits.shape, tf.float32)])
+    def confidence(x):
+        return policy.image_confidence_tf(x, th_pix, stride, cfg)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([confidence.get_concrete_function()], confidence)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    interpreter = Interpreter(model_content=converter.convert())
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], logits)
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    assert abs(float(got[0]) - policy.image_confidence(logits[0], th_pix, stride, cfg)) < 1e-6

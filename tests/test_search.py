@@ -1,0 +1,181 @@
+"""Deployment search: cache arithmetic equals running the policy, fast search equals brute force."""
+import numpy as np
+import pytest
+
+from mess_tf import calibration, policy, search
+from mess_tf.deployment import FINAL_EXIT, DeploymentConfig, ExitChoice
+from mess_tf.latency.costs import CostTable
+
+CLASSES, IMAGES, SIZE, STRIDE = 4, 12, (8, 8), 8
+POSITIONS = ("b1", "b2", "b3", "out")
+HEADS = ("fcn_w0_b0", "fcn_w32_b0")
+EXITS = tuple(f"{p}:{h}" for p in POSITIONS[:3] for h in HEADS)
+TH_PIX = (0.4, 0.6, 0.8)
+TH_IMG = (0.3, 0.6, 0.9)
+COSTS = CostTable(POSITIONS, {"b1": 2.0, "b2": 3.0, "b3": 4.0, "out": 5.0},
+                  {e: (0.5 if e.endswith("w0_b0") else 1.0) * (1 + POSITIONS.index(e.split(":")[0]) / 4)
+                   for e in EXITS}, final_head=3.0, unit="ms")
+
+
+def _synthetic(seed=0):
+    """Labels with 255 holes, and logits per exit that get less noisy with depth."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, (IMAGES, *SIZE))
+    labels[:, :2, :2] = 255
+    difficulty = rng.uniform(0.3, 2.5, IMAGES)[:, None, None, None]
+    logits = {}
+    for depth, exit_name in enumerate((*EXITS, FINAL_EXIT)):
+        noise = difficulty * (2.0 - 0.25 * (depth // 2)) * rng.normal(size=(IMAGES, *SIZE, CLASSES))
+        logits[exit_name] = (2.5 * np.eye(CLASSES)[np.minimum(labels, CLASSES - 1)] + noise).astype(np.float32)
+    return labels, logits
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    labels, logits = _synthetic()
+    images = np.arange(IMAGES, dtype=np.float32)[:, None, None, None] * np.ones((1, *SIZE, 3), np.float32)
+
+    def predict(batch):
+        index = batch[:, 0, 0, 0].astype(int)
+        return {k: v[index] for k, v in logits.items()}
+
+    batches = [(images[i:i + 5], labels[i:i + 5]) for i in range(0, IMAGES, 5)]
+    cache = calibration.build_cache(predict, batches, EXITS, [STRIDE] * len(EXITS), CLASSES, TH_PIX,
+                                    policy.PolicyConfig(), {"name": "toy"}, "f00d", [f"im{i}" for i in range(IMAGES)])
+    return cache, labels, logits
+
+
+def _direct_miou(config, labels, logits):
+    """Runs the policy image by image and scores the maps it keeps with one confusion matrix."""
+    confusion = np.zeros((CLASSES, CLASSES), np.int64)
+    for n in range(IMAGES):
+        chosen = FINAL_EXIT
+        for e in config.exits:
+            if config.mode == "budgeted" or policy.should_exit(
+                    policy.image_confidence(logits[e.exit_id][n], e.th_pix, STRIDE), e.th_img):
+                chosen = e.exit_id
+                break
+        valid = labels[n] != 255
+        pred = logits[chosen][n].argmax(-1)
+        confusion += np.bincount(labels[n][valid] * CLASSES + pred[valid], minlength=CLASSES ** 2).reshape(CLASSES, -1)
+    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    return np.mean(np.diag(confusion)[union > 0] / union[union > 0])
+
+
+def _random_config(rng):
+    if rng.random() < 0.2:
+        return DeploymentConfig("budgeted", [ExitChoice(*EXITS[rng.integers(len(EXITS))].split(":"), 0.0, 0.0)])
+    positions = sorted(rng.choice(3, size=rng.integers(0, 4), replace=False))
+    return DeploymentConfig("dynamic", [ExitChoice(POSITIONS[p], HEADS[rng.integers(2)], float(rng.choice(TH_PIX)),
+                                                   float(rng.choice(TH_IMG))) for p in positions])
+
+
+def test_cached_miou_equals_running_the_policy(synthetic):
+    cache, labels, logits = synthetic
+    rng = np.random.default_rng(1)
+    for _ in range(25):
+        config = _random_config(rng)
+        predicted = search.evaluate(cache, COSTS, config)
+        assert predicted.miou == pytest.approx(_direct_miou(config, labels, logits), abs=1e-12)
+        assert sum(predicted.exit_fractions) == pytest.approx(1.0)
+        assert predicted.expected_cost == pytest.approx(COSTS.expected(config, predicted.exit_fractions))
+        assert predicted.worst_cost == pytest.approx(COSTS.worst(config))
+
+
+def _same(a, b):
+    assert a.miou == pytest.approx(b.miou, abs=1e-12)
+    assert a.expected_cost == pytest.approx(b.expected_cost, rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "budgeted"])
+def test_fast_search_equals_brute_force(synthetic, mode):
+    cache = synthetic[0]
+    everything = search.brute_force(cache, COSTS, TH_IMG, mode=mode)
+    assert len(everything) == (1 + 6 * 9 + 12 * 81 + 8 * 729 if mode == "dynamic" else 7)
+    for budget in np.linspace(0.45, 1.1, 6) * everything[0].expected_cost:
+        fast = search.search(cache, COSTS, TH_IMG, "max_miou", budget=budget, mode=mode, workers=1).best
+        _same(fast, search.select(everything, "max_miou", budget=budget)[0])
+    for drop in (0.0, 1.0, 3.0, 10.0):
+        fast = search.search(cache, COSTS, TH_IMG, "min_cost", max_drop_pp=drop, mode=mode, workers=1).best
+        _same(fast, search.select(everything, "min_cost", max_drop_pp=drop)[0])
+    fast = search.search(cache, COSTS, TH_IMG, "pareto", mode=mode, workers=2)
+    reference = search.select(everything, "pareto")[1]
+    assert len(fast.front) == len(reference) > 1
+    for a, b in zip(fast.front, reference):
+        _same(a, b)
+    if mode == "dynamic":
+        assert fast.space_size == 1 + 6 * 9 + 12 * 81 + 8 * 729
+        assert fast.evaluated < fast.space_size
+
+
+def test_search_is_monotone_and_meets_its_constraints(synthetic):
+    cache = synthetic[0]
+    final = search.evaluate(cache, COSTS, DeploymentConfig("dynamic"))
+    mious = []
+    for budget in np.linspace(0.4, 1.2, 9) * final.expected_cost:
+        best = search.search(cache, COSTS, TH_IMG, "max_miou", budget=budget, workers=1).best
+        assert best.expected_cost <= budget + 1e-9
+        mious.append(best.miou)
+    assert np.all(np.diff(mious) >= -1e-12) and mious[-1] >= final.miou
+    costs = []
+    for drop in (0.0, 0.5, 2.0, 5.0, 20.0):
+        best = search.search(cache, COSTS, TH_IMG, "min_cost", max_drop_pp=drop, workers=1).best
+        assert best.miou >= final.miou - drop / 100 - 1e-12
+        costs.append(best.expected_cost)
+    assert np.all(np.diff(costs) <= 1e-12) and costs[0] <= final.expected_cost
+    # The chosen configuration, rescored from the cache, is what the search predicted.
+    config = search.search(cache, COSTS, TH_IMG, "min_cost", max_drop_pp=2.0, workers=1).best.deployment_config()
+    assert search.evaluate(cache, COSTS, config).miou == pytest.approx(config.metadata["predicted_miou"], abs=1e-12)
+
+
+def test_impossible_constraints_are_explained(synthetic):
+    cache = synthetic[0]
+    with pytest.raises(ValueError, match=r"cheapest achievable expected cost is \d"):
+        search.search(cache, COSTS, TH_IMG, "max_miou", budget=0.1, workers=1)
+    with pytest.raises(ValueError, match="not in the calibration cache"):
+        search.search(cache, COSTS, TH_IMG, "pareto", allowed_exits=["b9:fcn_w0_b0"])
+    with pytest.raises(ValueError, match="needs a budget"):
+        search.search(cache, COSTS, TH_IMG, "max_miou")
+
+
+def test_allowed_exits_restrict_the_space(synthetic):
+    cache = synthetic[0]
+    allowed = [e for e in EXITS if e.endswith("w0_b0")]
+    outcome = search.search(cache, COSTS, TH_IMG, "pareto", allowed_exits=allowed, workers=1)
+    assert all(e.exit_id in allowed for r in outcome.front for e in r.exits)
+    assert outcome.space_size == 1 + 3 * 9 + 3 * 81 + 729
+
+
+def test_stale_cache_is_refused(synthetic, tmp_path):
+    cache = synthetic[0]
+    path = str(tmp_path / "cache.npz")
+    cache.save(path)
+    calibration.CalibrationCache.load(path, expected_fingerprint="f00d", expected_config={"name": "toy"})
+    with pytest.raises(ValueError, match="fingerprint 'f00d' != expected 'beef'"):
+        calibration.CalibrationCache.load(path, expected_fingerprint="beef")
+    with pytest.raises(ValueError, match="network config name: cached 'toy' != expected 'other'"):
+        calibration.CalibrationCache.load(path, expected_config={"name": "other"})
+
+
+def test_cli_writes_config_report_and_plot(synthetic, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cache = synthetic[0]
+    cache.save(str(tmp_path / "cache.npz"))
+    costs = {"unit": "MACs", "positions": list(POSITIONS), "segment": COSTS.segment, "head": COSTS.head,
+             "final_head": COSTS.final_head}
+    (tmp_path / "macs.json").write_text(json.dumps(costs))
+    base = [sys.executable, "-m", "tools.search", f"--cache={tmp_path / 'cache.npz'}", f"--macs={tmp_path / 'macs.json'}",
+            f"--th_img={','.join(map(str, TH_IMG))}", "--workers=1", f"--output_dir={tmp_path / 'out'}"]
+    done = subprocess.run(base + ["--objective=min_latency", "--max_drop_pp=1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| chosen |" in done.stdout
+    config = DeploymentConfig.load(str(tmp_path / "out" / "CONFIG.json"))
+    assert search.evaluate(cache, COSTS, config).miou == pytest.approx(config.metadata["predicted_miou"], abs=1e-12)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["space_size"] == 1 + 6 * 9 + 12 * 81 + 8 * 729 and len(saved["pareto_front"]) > 1
+    assert (tmp_path / "out" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    refused = subprocess.run(base + ["--objective=max_miou", "--budget_macs=0.5"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "cheapest achievable expected cost" in refused.stderr

@@ -1,0 +1,119 @@
+"""Profiles every part of a network (segments, exit heads, final head) into a LatencyTable.
+
+  python -m tools.profile --checkpoint=runs/demo/stage2 --device=host --precision=int8 \
+      --calibration_data=DATA/images/calibration --output=latency_int8.json
+  python -m tools.profile --backbone=mobilenet_v2 --input_size=512 --device=adb:SERIAL \
+      --benchmark_binary=./benchmark_model --precision=float32 --output=pixel7_fp32.json
+
+Each part is converted to TFLite on its own and timed after warm-up (median and p90 of repeated runs):
+on the host with the LiteRT interpreter (XNNPACK), on a phone with the user's benchmark_model over adb.
+The table is saved after each part, so an interrupted run resumes where it stopped.
+"""
+import os
+
+import numpy as np
+from absl import flags
+
+from mess_tf import backbones, checkpoints, cost_model, export, heads, io_utils, network, runtime
+from mess_tf.latency import host
+from mess_tf.latency import table as table_lib
+from tools import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Training run directory or checkpoint: profile its architecture and exits.")
+flags.DEFINE_enum("backbone", None, backbones.BACKBONES, "Without --checkpoint: the backbone to profile.")
+flags.DEFINE_integer("input_size", 512, "Without --checkpoint: square input size in pixels.")
+flags.DEFINE_integer("output_stride", 16, "Without --checkpoint: backbone output stride.")
+flags.DEFINE_float("alpha", 1.0, "Without --checkpoint: MobileNet width multiplier.")
+flags.DEFINE_integer("num_classes", 21, "Without --checkpoint: classes.")
+flags.DEFINE_list("heads", None, "Without --checkpoint: exit-head ids (default: the default head space).")
+flags.DEFINE_string("device", "host", "`host`, or `adb:SERIAL` for a phone.")
+flags.DEFINE_enum("precision", "float32", export.PRECISIONS, "TFLite precision.")
+flags.DEFINE_string("calibration_data", None, "int8: folder of calibration images (default: random images, "
+                    "which is fine for latency but not for accuracy).")
+flags.DEFINE_integer("threads", 1, "Interpreter / benchmark_model threads.")
+flags.DEFINE_integer("num_runs", 50, "Timed runs per part.")
+flags.DEFINE_integer("warmup_runs", 5, "Untimed runs per part first.")
+flags.DEFINE_string("benchmark_binary", None, "adb: the benchmark_model binary for the phone's ABI.")
+flags.DEFINE_string("output", None, "Output LatencyTable JSON.", required=True)
+
+
+def _network():
+    if FLAGS.checkpoint:
+        return checkpoints.load_network(FLAGS.checkpoint)[0]
+    if not FLAGS.backbone:
+        raise ValueError("give --checkpoint=RUN_DIR or --backbone=NAME to say what to profile")
+    head_space = ([heads.ExitHeadConfig.from_id(h) for h in FLAGS.heads] if FLAGS.heads
+                  else heads.default_head_space())
+    config = network.NetworkConfig(backbones.BackboneConfig(FLAGS.backbone, FLAGS.output_stride, FLAGS.alpha),
+                                   FLAGS.num_classes, (FLAGS.input_size,) * 2)
+    positions = backbones.Backbone(config.backbone, config.input_size).positions
+    return network.MultiExitNetwork(config, [(p.name, h) for p in positions for h in head_space])
+
+
+def _calibration_images(net):
+    if FLAGS.precision != "int8":
+        return None
+    if FLAGS.calibration_data:
+        return [image for _, image in runtime.read_images(FLAGS.calibration_data, net.backbone.input_size)[:100]]
+    rng = np.random.default_rng(0)
+    return [rng.uniform(0, 255, (*net.backbone.input_size, 3)).astype(np.float32) for _ in range(8)]
+
+
+def _part_macs(net):
+    """Part key -> MACs per image, from the analytic cost model."""
+    pairs = [network.parse_exit_id(e) for e in net.exit_ids]
+    costs = cost_model.network_costs(net.config, sorted({h for _, h in pairs}, key=lambda h: h.id),
+                                     sorted({p for p, _ in pairs}), backbone=net.backbone)
+    macs = {table_lib.part_key(table_lib.SEGMENT, k): v.macs for k, v in costs.segments.items()}
+    macs.update({table_lib.part_key(table_lib.HEAD, e): costs.heads[e].macs for e in net.exit_ids})
+    macs[table_lib.FINAL_HEAD] = costs.final_head.macs
+    return macs
+
+
+def main(argv):
+    del argv
+    net = _network()
+    print(f"converting {len(net.exit_ids) + len(net.backbone.positions) + 1} parts to {FLAGS.precision} TFLite...")
+    models = export.convert_parts(net, FLAGS.precision, _calibration_images(net))
+    macs = _part_macs(net)
+    positions = [p.name for p in net.backbone.positions]
+    if FLAGS.device == "host":
+        parts = {k: table_lib.PartModel(v, macs=macs.get(k)) for k, v in models.items()}
+        key = table_lib.TableKey(host.host_device(), FLAGS.precision, FLAGS.threads, net.backbone.input_size)
+        timing = host.HostTimingConfig(num_threads=FLAGS.threads, warmup_runs=FLAGS.warmup_runs,
+                                       num_runs=FLAGS.num_runs)
+        table = host.measure_parts(parts, FLAGS.output, key, positions, timing)
+    elif FLAGS.device.startswith("adb:"):
+        table = _profile_phone(FLAGS.device.partition(":")[2], models, macs, positions, net.backbone.input_size)
+    else:
+        raise ValueError(f"--device={FLAGS.device!r}: expected `host` or `adb:SERIAL`")
+    print(f"wrote {FLAGS.output}: {len(table.part_keys())} parts on {table.key.device}")
+    for k in table.part_keys():
+        entry = table.get(k)
+        print(f"  {k:<60} median {entry.median_ms:8.3f} ms  p90 {entry.p90_ms:8.3f} ms")
+
+
+def _profile_phone(serial, models, macs, positions, input_size):
+    from android_bench import adb as adb_lib
+    from android_bench import benchmark
+
+    if not FLAGS.benchmark_binary:
+        raise ValueError("--device=adb:... needs --benchmark_binary (the TFLite benchmark_model for the phone)")
+    folder = os.path.splitext(FLAGS.output)[0] + "_parts"
+    parts = {}
+    for k, data in models.items():
+        path = os.path.join(folder, k.replace(":", "__").replace("/", "_") + ".tflite")
+        io_utils.write_bytes(path, data)
+        parts[k] = table_lib.PartModel(path, macs=macs.get(k))
+    adb = adb_lib.Adb()
+    device = adb_lib.select_devices(adb_lib.list_devices(adb), [serial])[0]
+    phone = benchmark.Phone(adb, device, FLAGS.benchmark_binary)
+    options = benchmark.BenchmarkOptions(num_threads=FLAGS.threads, num_runs=FLAGS.num_runs,
+                                         warmup_runs=FLAGS.warmup_runs)
+    job = benchmark.TableJob(FLAGS.output, tuple(positions), parts, FLAGS.precision, tuple(input_size), options)
+    return benchmark.run_job(phone, job)
+
+
+if __name__ == "__main__":
+    cli.run(main)
