@@ -283,3 +283,26 @@ def _resume(cache, path):
         getattr(cache, name)[:done] = value[:done]
     logging.info("calibration: resuming %s at image %d/%d", path, done, cache.num_images)
     return done
+
+
+def calibrate_network(net, checkpoint, batches, image_names, th_pix_grid, policy_config, dataset="", split="",
+                      partial_path=None, checkpoint_every=64):
+    """The calibration pass of a trained MultiExitNetwork over every one of its exits.
+
+    Args:
+      net: network.MultiExitNetwork with its trained weights loaded.
+      checkpoint: the checkpoint prefix those weights came from (fingerprinted into the cache).
+      batches: iterable of (images [B, H, W, 3] RGB 0..255, labels [B, H, W]) numpy pairs, in
+        the order of image_names.
+      Other arguments: as build_cache.
+
+    Returns:
+      CalibrationCache.
+    """
+    def predict(images):
+        return {k: v.numpy() for k, v in net.model(images, training=False).items()}
+
+    strides = [net.position_of(e).stride for e in net.exit_ids]
+    return build_cache(predict, batches, net.exit_ids, strides, net.model.output["final"].shape[-1], th_pix_grid,
+                       policy_config, net.config.to_dict(), checkpoint_fingerprint(checkpoint), image_names,
+                       dataset, split, checkpoint_every, partial_path)

@@ -1,0 +1,53 @@
+"""Builds the calibration cache the deployment search reads: one pass of every candidate exit.
+
+  python -m tools.calibrate --checkpoint=runs/demo/stage2 --dataset=demo --data_dir=runs/demo/data \
+      --split=calibration --output=runs/demo/calibration.npz
+
+Resumable: partial results are saved beside the output every --checkpoint_every images, and a
+rerun continues from them. The cache records the network config and a fingerprint of the
+checkpoint; the search refuses a cache that does not match.
+"""
+import time
+
+import numpy as np
+from absl import flags
+
+from mess_tf import calibration, checkpoints, policy
+from mess_tf.data import pipeline, registry
+from tools import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Stage-2 run directory or checkpoint.", required=True)
+flags.DEFINE_enum("dataset", "demo", registry.DATASETS, "Dataset reader.")
+flags.DEFINE_string("data_dir", None, "Dataset root.", required=True)
+flags.DEFINE_string("split", "calibration", "Split to calibrate on (never the test split).")
+flags.DEFINE_enum("confidence", "top1", ["top1", "entropy"], "Pixel confidence.")
+flags.DEFINE_bool("edge_smoothing", True, "Median-smooth confidence near the exit's own semantic edges.")
+flags.DEFINE_integer("th_pix_steps", 10, "Pixel thresholds on the grid (evenly spaced in [0.5, 0.95]).")
+flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
+flags.DEFINE_integer("checkpoint_every", 64, "Save partial results every N images.")
+flags.DEFINE_string("output", None, "Output cache (.npz).", required=True)
+
+
+def main(argv):
+    del argv
+    if FLAGS.split == "test":
+        raise ValueError("--split=test: thresholds must never be tuned on the test split; use calibration or val")
+    net, _ = checkpoints.load_network(FLAGS.checkpoint)
+    dataset = registry.get_dataset(FLAGS.dataset, FLAGS.data_dir)
+    samples = dataset.samples(FLAGS.split)
+    config = policy.PolicyConfig(confidence=FLAGS.confidence, edge_smoothing=FLAGS.edge_smoothing)
+    grid = np.linspace(0.5, 0.95, FLAGS.th_pix_steps)
+    start = time.time()
+    cache = calibration.calibrate_network(
+        net, checkpoints.resolve_checkpoint(FLAGS.checkpoint), pipeline.eval_batches(samples, dataset.info,
+        net.backbone.input_size, FLAGS.batch_size), [s.name for s in samples], grid, config,
+        dataset=FLAGS.dataset, split=FLAGS.split, partial_path=FLAGS.output + ".partial.npz",
+        checkpoint_every=FLAGS.checkpoint_every)
+    cache.save(FLAGS.output)
+    print(f"wrote {FLAGS.output}: {cache.num_images} images x {len(cache.exit_ids)} exits, "
+          f"{len(grid)} pixel thresholds, in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    cli.run(main)
