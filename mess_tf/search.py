@@ -19,14 +19,17 @@ evaluating far fewer configurations than the space holds:
     images still running, so equal restricted masks collapse too;
   * an exit that lets no remaining image out changes nothing but adds its head cost, so the same
     configuration without it is at least as good: it is skipped;
-  * depth-first branch and bound over exits in depth order: every prefix (exits chosen so far) is
-    itself a complete configuration (the rest go to the final exit) and, before going deeper, its
-    completions are bounded: mIoU from above (every remaining image takes, per class, the best TP
-    and the lowest FP of any exit it could still reach) and expected cost from below (every
-    remaining image pays at least the cheapest next exit). A prefix whose bound cannot beat the
-    incumbent (or, for the Pareto front, is dominated by it) is not expanded;
-  * every exit's masks are evaluated at once as one matrix product over images; the first exits
-    are shared between processes (`workers`).
+  * depth-first branch and bound over exits in depth order, siblings best-first: every prefix
+    (exits chosen so far) is itself a complete configuration (the rest go to the final exit),
+    and before going deeper its completions are bounded (see _BranchAndBound): expected cost
+    from below (each running image pays at least the cheapest deeper exit that can let it out),
+    mIoU from above through a linear envelope of the per-class ratios, and the two coupled by a
+    Lagrange multiplier on the budget (or on the mIoU floor); with one exit left, each deeper
+    exit is bounded on its own. A prefix whose bound cannot beat the incumbent (or, for the
+    Pareto front, is dominated by it) is not expanded, and a configuration whose linear mIoU
+    bound or exact cost already loses is not even scored;
+  * every exit's masks are evaluated at once as matrix products over images; the root's children
+    are shared between processes (`workers`), which share their incumbent's mIoU or cost.
 `brute_force` enumerates the declared space plainly (and `select` picks from it); tests/test_search.py proves both agree.
 """
 import dataclasses
@@ -41,6 +44,11 @@ from mess_tf.deployment import FINAL_EXIT, DeploymentConfig, ExitChoice
 OBJECTIVES = ("max_miou", "min_cost", "pareto")
 SEARCH_MODES = ("dynamic", "budgeted")
 _TOL = 1e-12  # float slack when comparing mIoUs and costs computed in different orders
+
+
+def _slack(cost):
+    """Float slack for comparing costs, relative to their size (MACs run to 1e10)."""
+    return _TOL * np.maximum(1.0, np.abs(cost))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +226,7 @@ class _Objective:
         self.kind, self.budget, self.min_miou = kind, budget, min_miou
         self.best = None  # (miou, cost, payload)
         self.front = []   # [(miou, cost, payload)]
+        self.shared = None
 
     def _better(self, miou, cost):
         if self.best is None:
@@ -229,7 +238,7 @@ class _Objective:
 
     def feasible(self, miou, cost):
         if self.kind == "max_miou":
-            return cost <= self.budget + _TOL * max(1.0, abs(self.budget))
+            return cost <= self.budget + _slack(self.budget)
         if self.kind == "min_cost":
             return miou >= self.min_miou - _TOL
         return np.ones(np.shape(miou), bool)
@@ -243,6 +252,7 @@ class _Objective:
         for i in candidates:
             if self._better(miou[i], cost[i]):
                 self.best = (float(miou[i]), float(cost[i]), payload(i))
+                self._publish()
 
     def _offer_front(self, miou, cost, candidates, payload):
         if self.front:
@@ -256,23 +266,45 @@ class _Objective:
         points = self.front + [(float(miou[i]), float(cost[i]), payload(i)) for i in candidates]
         self.front = pareto_points(points)
 
+    def share(self, value):
+        """Shares the incumbent's mIoU (max_miou) or cost (min_cost) with forked workers through
+        `value` (a multiprocessing RawValue): any worker's incumbent is a valid bar for all."""
+        self.shared = value
+
+    def _bar(self):
+        """The incumbent's mIoU (max_miou) or cost (min_cost), best over the workers; None if none."""
+        own = None if self.best is None else self.best[0 if self.kind == "max_miou" else 1]
+        if self.shared is None or np.isnan(self.shared.value):
+            return own
+        if own is None:
+            return self.shared.value
+        return max(own, self.shared.value) if self.kind == "max_miou" else min(own, self.shared.value)
+
+    def _publish(self):
+        if self.shared is not None:
+            self.shared.value = self._bar()
+
     def prunes(self, ub_miou, lb_cost):
-        """bool [M]: prefixes none of whose completions can improve the incumbent."""
+        """bool [M]: prefixes none of whose completions can improve the incumbent, given upper
+        bounds on their mIoU and lower bounds on their expected cost."""
+        ub_miou, lb_cost = np.asarray(ub_miou, np.float64), np.asarray(lb_cost, np.float64)
+        bar = self._bar()
         if self.kind == "max_miou":
-            hopeless = lb_cost > self.budget + _TOL * max(1.0, abs(self.budget))
-            if self.best is not None:
-                hopeless |= ub_miou < self.best[0] - _TOL
+            hopeless = lb_cost > self.budget + _slack(self.budget)
+            if bar is not None:
+                hopeless |= ub_miou < bar - _TOL
             return hopeless
         if self.kind == "min_cost":
             hopeless = ub_miou < self.min_miou - _TOL
-            if self.best is not None:
-                hopeless |= lb_cost > self.best[1] + _TOL
+            if bar is not None:
+                hopeless |= lb_cost > bar + _slack(bar)
             return hopeless
         if not self.front:
             return np.zeros(np.shape(ub_miou), bool)
         front_miou = np.array([f[0] for f in self.front])
         front_cost = np.array([f[1] for f in self.front])
-        return ((front_miou[None] > ub_miou[:, None] + _TOL) & (front_cost[None] < lb_cost[:, None] - _TOL)).any(1)
+        return ((front_miou > ub_miou[..., None] + _TOL)
+                & (front_cost < lb_cost[..., None] - _slack(front_cost))).any(-1)
 
     def merge(self, other):
         if other.best is not None:
@@ -294,96 +326,293 @@ def pareto_points(points):
 
 # ---- depth-first branch and bound -------------------------------------------------------------
 
+_LAMBDA_STEPS = 2.0 ** np.arange(-14, 15)  # multipliers tried, in units of a node's value-per-cost scale
+_LAMBDA_REFINE = 12                        # extra multipliers between the best one's neighbours
+
+
+def _suffix(values, op, final):
+    """[J + 1, ...]: out[s] = op over values[s:] and `final` (the final exit's value); out[J] = final."""
+    out = np.full((len(values) + 1,) + values.shape[1:], final, np.float64)
+    if len(values):
+        out[:-1] = op(op.accumulate(values[::-1], axis=0)[::-1], final)
+    return out
+
+
+@dataclasses.dataclass
+class _Node:
+    """A prefix: the exits chosen so far, every image not let out yet taking the final exit."""
+
+    chosen: list            # [(j, (th_pix, th_img), mask bool [N])]
+    remaining: np.ndarray   # bool [N] images still running
+    counts: np.ndarray      # [2C] summed tp | fp of the prefix as a configuration
+    exited: float           # summed cost of the images already let out
+    heads: float            # summed head cost of the chosen exits, paid by every running image
+    first: int              # index of the first exit deeper than the last chosen one
+
+
 class _BranchAndBound:
-    """Explores dynamic configurations from the prefixes that start with given first exits."""
+    """Explores dynamic configurations depth-first, prefix by prefix, best-first among siblings.
+
+    Bounds on the completions of a prefix (every way to add deeper exits), all exact relaxations:
+      * cost from below: every running image pays at least its cheapest deeper exit that can let
+        it out at all (it is in some mask of that exit), or the final exit;
+      * mIoU from above, linearised: over the completions, each class's TP and FP sums lie in
+        ranges (each running image taking its per-class extremes over the exits that can let it
+        out); on those ranges TP / (GT + FP) is at most a linear function of (TP, FP) (the
+        McCormick envelope of TP * u with u = 1 / (GT + FP) under its chord), so mIoU <= base +
+        sum over running images of a per-(image, exit) value;
+      * coupled (Lagrangian): for any multiplier lambda >= 0, max mIoU within a cost budget is at
+        most base + lambda * (budget left) + sum over images of max over exits of
+        (value - lambda * cost), and min cost above an mIoU floor is bounded alike. The best
+        multiplier on a grid is kept per prefix and reused for its children's bounds.
+    """
 
     def __init__(self, problem, objective, max_exits):
-        self.p, self.objective, self.max_exits = problem, objective, max_exits
-        n_classes = problem.gt.size
-        self.delta = problem.counts[:-1] - problem.counts[-1]  # [J, N, 2C] vs leaving at the final exit
-        # Optimistic change per image when it may still leave at any exit beyond position q:
-        # best TP gain and lowest FP change, per class, over the exits it could reach (or 0 = final).
-        positions = np.unique(problem.position)
-        self.optimistic, self.cheapest_next = {}, {}
-        for q in np.concatenate([[-1], positions]):
-            later = problem.position > q
-            if not later.any():
-                continue
-            gain = np.concatenate([np.maximum(self.delta[later, :, :n_classes].max(0), 0),
-                                   np.minimum(self.delta[later, :, n_classes:].min(0), 0)], axis=1)
-            self.optimistic[int(q)] = gain
-            self.cheapest_next[int(q)] = float((problem.reach + problem.head)[later].min())
+        p = self.p = problem
+        self.objective, self.max_exits = objective, max_exits
+        c, n_exits, n = problem.gt.size, len(problem.exit_ids), problem.num_images
+        self.delta = p.counts[:-1] - p.counts[-1]            # [J, N, 2C] vs leaving at the final exit
+        self.exit_cost = p.reach + p.head                     # [J] paid when leaving there (+ earlier heads)
+        # later[j]: the first exit deeper than exit j (exits are in depth order).
+        self.later = np.searchsorted(p.position, p.position, side="right")
+        self.masks = np.zeros((n_exits, max((len(m) for m in p.masks), default=0), n))  # 0/1, empty-padded
+        for j, m in enumerate(p.masks):
+            self.masks[j, :len(m)] = m
+        self.reachable = self.masks.any(1)                    # [J, N]: some threshold pair lets the image out
+        r = self.reachable[..., None]
+        tp, fp = self.delta[..., :c], self.delta[..., c:]
+        # Per image, over the exits from index s on that can let it out, and the final exit (delta 0):
+        # best (max TP, min FP) and worst (min TP, max FP) change, and the cheapest exit cost.
+        self.best_delta = np.concatenate([_suffix(np.where(r, tp, -np.inf), np.maximum, 0.0),
+                                          _suffix(np.where(r, fp, np.inf), np.minimum, 0.0)], -1)
+        self.worst_delta = np.concatenate([_suffix(np.where(r, tp, np.inf), np.minimum, 0.0),
+                                           _suffix(np.where(r, fp, -np.inf), np.maximum, 0.0)], -1)
+        self.cheapest = _suffix(np.where(self.reachable, self.exit_cost[:, None], np.inf), np.minimum, p.full)
         self.evaluated = 0
 
-    def run(self, first_exits):
-        p = self.p
-        root_counts = p.counts[-1].sum(0)
-        remaining = np.ones(p.num_images, bool)
-        self._expand(first_exits, [], remaining, root_counts, 0.0, 0.0, -1)
+    # -- bounds --
 
-    def _expand(self, candidates, chosen, remaining, counts, exited_cost, heads, last_position):
-        """Evaluates every child prefix (chosen + one exit j in candidates, each of its masks)."""
-        p, n, n_classes = self.p, self.p.num_images, self.p.gt.size
-        running = remaining.sum()
-        for j in candidates:
-            masks = p.masks[j] & remaining
-            keep = _distinct_nonempty(masks)
-            if keep.size == 0:
+    def _linearise(self, node):
+        """(base, value [J', N]): mIoU <= base + sum over running images of value[exit it leaves at]
+        for every completion (0 for the final exit; -inf where that exit cannot let it out)."""
+        c, gt, s = self.p.gt.size, self.p.gt, node.first
+        running = node.remaining.astype(np.float64)
+        t_hi_f_lo = node.counts + running @ self.best_delta[s]
+        t_lo_f_hi = node.counts + running @ self.worst_delta[s]
+        t_lo, f_lo, f_hi = t_lo_f_hi[:c], t_hi_f_lo[c:], t_lo_f_hi[c:]
+        present = gt + f_lo > 0  # surely present in every completion; IoU is 0 where gt = 0
+        u_hi = np.where(gt > 0, 1 / np.where(present, gt + f_lo, 1), 0)
+        u_lo = np.where(gt > 0, 1 / np.where(present, gt + f_hi, 1), 0)
+        span = f_hi - f_lo
+        slope = np.where(span > 0, (u_lo - u_hi) / np.where(span > 0, span, 1), 0)
+        # TP * u <= TP * u_hi + TP_lo * (u - u_hi) and u <= u_hi + slope * (FP - FP_lo) (chord).
+        weight = np.concatenate([u_hi, t_lo * slope]) / max(int(present.sum()), 1)
+        base = weight[:c] @ node.counts[:c] + weight[c:] @ (node.counts[c:] - f_lo)
+        value = np.where(self.reachable[s:], self.delta[s:] @ weight, -np.inf)
+        return base, value
+
+    def _dual(self, node, value, lambdas):
+        """[L]: sum over running images of max over deeper exits and the final exit of
+        (value - lambda * cost), per lambda (costs without the heads already paid)."""
+        costs = self.exit_cost[node.first:]
+        per_exit = (value[None] - lambdas[:, None, None] * costs[None, :, None]).max(1, initial=-np.inf)
+        best = np.maximum(per_exit, -lambdas[:, None] * self.p.full)
+        return best @ node.remaining.astype(np.float64)
+
+    def _node_bound(self, node, base, value):
+        """(lambda, ub, lb): bounds on the completions of `node`: mIoU from above and expected cost
+        from below, coupled through the best multiplier lambda on a grid (kept for the children)."""
+        if len(node.chosen) + 1 == self.max_exits:
+            return self._last_exit_bound(node, base, value)
+        kind, n = self.objective.kind, self.p.num_images
+        running = node.remaining.astype(np.float64)
+        paid = node.exited + running.sum() * node.heads
+        ub = base + self._dual(node, value, np.zeros(1))[0]
+        lb = (paid + running @ self.cheapest[node.first]) / n
+        if kind == "pareto":
+            return 0.0, ub, lb
+        finite = np.abs(value[np.isfinite(value)])
+        scale = (finite.max() if finite.size else 0.0) / self.p.full or 1.0 / self.p.full
+        if kind == "max_miou":
+            def bound(lambdas):
+                return base + lambdas * (n * self.objective.budget - paid) + self._dual(node, value, lambdas)
+            pick = np.argmin
+        else:
+            def bound(lambdas):
+                return paid + (self.objective.min_miou - base - self._dual(node, value, lambdas)) / lambdas
+            pick = np.argmax
+        grid = scale * _LAMBDA_STEPS
+        values = bound(grid)
+        k = int(pick(values))
+        # The bound is convex (max_miou) or concave (min_cost) in lambda: refine around the best.
+        fine = np.linspace(grid[max(k - 1, 0)], grid[min(k + 1, grid.size - 1)], _LAMBDA_REFINE)
+        grid, values = np.append(grid, fine), np.append(values, bound(fine))
+        k = int(pick(values))
+        if kind == "max_miou":
+            return (float(grid[k]), float(values[k]), lb) if values[k] < ub else (0.0, ub, lb)
+        return float(grid[k]), ub, max(lb, float(values[k]) / n)
+
+    def _last_exit_bound(self, node, base, value):
+        """(0, ub, lb) for a node that may add one exit more: the completions through each deeper
+        exit are bounded apart (each with its best multiplier on the grid), then the best is kept."""
+        kind, n, full = self.objective.kind, self.p.num_images, self.p.full
+        running = node.remaining.astype(np.float64)
+        paid = node.exited + running.sum() * node.heads
+        costs = self.exit_cost[node.first:]
+        finite = np.abs(value[np.isfinite(value)])
+        lambdas = np.append(0.0, ((finite.max() if finite.size else 0.0) / full or 1.0 / full) * _LAMBDA_STEPS)
+        # [L, J']: sum over running images of max(value - lambda * cost) over that exit and the final one.
+        dual = np.maximum(value[None] - lambdas[:, None, None] * costs[None, :, None],
+                          -lambdas[:, None, None] * full) @ running
+        cheapest = paid + np.where(self.reachable[node.first:], costs[:, None], full) @ running  # [J']
+        ub, lb = float((base + dual[0]).max()), float(cheapest.min()) / n
+        if kind == "max_miou":
+            per_exit = (base + lambdas[:, None] * (n * self.objective.budget - paid) + dual).min(0)
+            fits = cheapest <= n * (self.objective.budget + _slack(self.objective.budget))
+            ub = min(ub, float(np.where(fits, per_exit, -np.inf).max()))
+        elif kind == "min_cost":
+            per_exit = (paid + (self.objective.min_miou - base - dual[1:]) / lambdas[1:, None]).max(0)
+            lb = max(lb, float(np.maximum(per_exit, cheapest).min()) / n)
+        return 0.0, ub, lb
+
+    # -- search --
+
+    def run(self, share=(0, 1)):
+        """Searches every configuration; with `share` (w, W) only the root's children w, w + W, ...
+        (best first) are expanded. `root_evaluated`: configurations evaluated at the root."""
+        p = self.p
+        root = _Node([], np.ones(p.num_images, bool), p.counts[-1].sum(0), 0.0, 0.0, 0)
+        children = self._children(root, *self._bounds(root)[:3])
+        self.root_evaluated = self.evaluated
+        for child in children[share[0]::share[1]]:
+            self._expand(child)
+
+    def _bounds(self, node):
+        """(base, value, lambda, ub, lb): the node's linearisation and bounds."""
+        base, value = self._linearise(node)
+        return (base, value) + self._node_bound(node, base, value)
+
+    def _expand(self, node):
+        if node.first == len(self.p.exit_ids):
+            return
+        base, value, lam, ub, lb = self._bounds(node)
+        if self.objective.prunes(ub, lb):
+            return
+        for child in self._children(node, base, value, lam):
+            self._expand(child)
+
+    def _children(self, node, base, value, lam):
+        """Offers every one-exit extension of `node`; returns those worth expanding, best first."""
+        p, objective = self.p, self.objective
+        s, n, n_exits = node.first, p.num_images, len(p.exit_ids)
+        running = node.remaining.astype(np.float64)
+        n_running = running.sum()
+        expandable = len(node.chosen) + 1 < self.max_exits
+        later = self.later[s:] - s                         # [J'] local index of the next deeper exit
+        costs, heads = self.exit_cost[s:], p.head[s:]
+        known = np.where(np.isfinite(value), value, 0.0)  # unreachable images are in no mask
+        after0 = _suffix(value, np.maximum, 0.0)[later]                        # best value deeper, lambda 0
+        lagrange = np.where(np.isfinite(value), value - lam * costs[:, None], 0.0)
+        after = _suffix(value - lam * costs[:, None], np.maximum, -lam * p.full)[later]
+        cheapest = self.cheapest[self.later[s:]]
+        columns = np.stack([np.ones_like(known), known, after0, lagrange, after, cheapest], -1)
+        columns *= running[None, :, None]
+        inside = np.matmul(self.masks[s:], columns)                           # [J', M, 6] over each mask
+        total = columns.sum(1)[:, None, :]                                    # [J', 1, 6] over running images
+        leaving = inside[..., 0]
+        still = n_running - leaving
+        child_heads = node.heads + heads[:, None]
+        exited = node.exited + leaving * (node.heads + costs[:, None])
+        cost = (exited + still * (p.full + child_heads)) / n
+        valid = leaving > 0.5  # an exit that lets nobody out only adds its head's cost
+        offer = valid & ~objective.prunes(base + inside[..., 1], cost)
+        expand = np.zeros_like(valid)
+        if expandable:
+            deeper = valid & (later < n_exits - s)[:, None]
+            ub = base + inside[..., 1] + total[..., 2] - inside[..., 2]
+            lb = (exited + still * child_heads + total[..., 5] - inside[..., 5]) / n
+            dual = inside[..., 3] + total[..., 4] - inside[..., 4] - lam * heads[:, None] * still
+            paid = node.exited + n_running * node.heads
+            if objective.kind == "max_miou":
+                ub = np.minimum(ub, base + lam * (n * objective.budget - paid) + dual)
+            elif objective.kind == "min_cost" and lam > 0:
+                lb = np.maximum(lb, (paid + (objective.min_miou - base - dual) / lam) / n)
+            expand = deeper & ~objective.prunes(ub, lb)
+            order_key = lb if objective.kind == "min_cost" else -ub
+        picked = np.argwhere(offer | expand)
+        if picked.size == 0:
+            return []
+        counts = np.empty((len(picked), node.counts.size))
+        for jl in np.unique(picked[:, 0]):
+            rows = picked[:, 0] == jl
+            counts[rows] = node.counts + self.masks[s + jl, picked[rows, 1]] @ (running[:, None] * self.delta[s + jl])
+        self.evaluated += len(picked)
+        c = p.gt.size
+        miou = _miou(counts[:, :c], counts[:, c:], p.gt)
+        picked_cost = cost[picked[:, 0], picked[:, 1]]
+
+        def config(i):
+            jl, m = picked[i]
+            return self._payload(node, s + jl, m)
+
+        offered = np.flatnonzero(offer[picked[:, 0], picked[:, 1]])
+        objective.offer(miou[offered], picked_cost[offered], lambda i: config(offered[i]))
+        if not expandable:
+            return []
+        nodes, seen = [], set()
+        for i in sorted(np.flatnonzero(expand[picked[:, 0], picked[:, 1]]),
+                        key=lambda i: order_key[picked[i, 0], picked[i, 1]]):
+            jl, m = picked[i]
+            leaves = self.masks[s + jl, m].astype(bool) & node.remaining
+            key = (jl, np.packbits(leaves).tobytes())
+            if key in seen:  # another threshold pair letting out the same running images
                 continue
-            masks = masks[keep]
-            child_counts = counts + masks.astype(np.float64) @ self.delta[j]
-            leaving = masks.sum(1)
-            child_heads = heads + p.head[j]
-            child_exited = exited_cost + leaving * (p.reach[j] + child_heads)
-            cost = (child_exited + (running - leaving) * (p.full + child_heads)) / n
-            miou = _miou(child_counts[:, :n_classes], child_counts[:, n_classes:], p.gt)
-            self.evaluated += len(keep)
-            pair = [p.pairs[j][k] for k in keep]
-            masks_so_far = [m for _, _, m in chosen]
-            self.objective.offer(miou, cost, lambda i: (
-                [(jj, pp) for jj, pp, _ in chosen] + [(j, pair[i])], masks_so_far + [masks[i]]))
-            position = p.position[j]
-            if len(chosen) + 1 >= self.max_exits or int(position) not in self.optimistic:
-                continue
-            gain = self.optimistic[int(position)]
-            still = remaining[None] & ~masks
-            bound = child_counts + still.astype(np.float64) @ gain
-            ub = _miou(bound[:, :n_classes], bound[:, n_classes:], p.gt)
-            lb = (child_exited + still.sum(1) * (child_heads + self.cheapest_next[int(position)])) / n
-            later = np.flatnonzero(p.position > position)
-            for i in np.flatnonzero(~self.objective.prunes(ub, lb)):
-                self._expand(later, chosen + [(j, pair[i], masks[i])], still[i], child_counts[i],
-                             child_exited[i], child_heads, position)
+            seen.add(key)
+            j = s + jl
+            nodes.append(_Node(node.chosen + [(j, p.pairs[j][m], leaves)], node.remaining & ~leaves, counts[i],
+                               float(exited[jl, m]), float(child_heads[jl, 0]), int(self.later[j])))
+        return nodes
+
+    def _payload(self, node, j, m):
+        leaves = self.masks[j, m].astype(bool) & node.remaining
+        return ([(jj, pair) for jj, pair, _ in node.chosen] + [(j, self.p.pairs[j][m])],
+                [mask for _, _, mask in node.chosen] + [leaves])
 
 
 _SHARED = {}
 
 
-def _worker(first_exits):
-    """Runs in a forked process: one share of the first exits."""
+def _worker(share):
+    """Runs in a forked process: one share of the root's children."""
     problem, objective, max_exits = _SHARED["problem"], _SHARED["objective"], _SHARED["max_exits"]
     search = _BranchAndBound(problem, objective, max_exits)
-    search.run(first_exits)
-    return objective, search.evaluated
+    search.run(share)
+    objective.share(None)  # the shared value stays behind; the incumbent itself goes back
+    return objective, search.evaluated, search.root_evaluated
 
 
 def _run_dynamic(problem, objective, max_exits, workers):
-    """Branch and bound over all first exits, split round-robin between `workers` processes."""
-    shares = [list(range(len(problem.exit_ids)))[w::workers] for w in range(workers)]
-    shares = [s for s in shares if s]
-    if workers <= 1 or len(shares) <= 1:
+    """Branch and bound with the root's children split round-robin between `workers` processes
+    that share their incumbent's mIoU or cost."""
+    if workers <= 1 or len(problem.exit_ids) <= 1:
         search = _BranchAndBound(problem, objective, max_exits)
-        search.run(list(range(len(problem.exit_ids))))
+        search.run()
         return search.evaluated
+    context = multiprocessing.get_context("fork")
+    if objective.kind != "pareto":
+        bar = objective._bar()
+        objective.share(context.RawValue("d", np.nan if bar is None else bar))
     _SHARED.update(problem=problem, objective=objective, max_exits=max_exits)
     try:
-        with multiprocessing.get_context("fork").Pool(len(shares)) as pool:
-            results = pool.map(_worker, shares)
+        with context.Pool(workers) as pool:
+            results = pool.map(_worker, [(w, workers) for w in range(workers)])
     finally:
         _SHARED.clear()
-    for other, _ in results:
+        objective.share(None)
+    for other, _, _ in results:
         objective.merge(other)
-    return sum(evaluated for _, evaluated in results)
+    # Every worker evaluates the root's children: count them once.
+    return sum(evaluated for _, evaluated, _ in results) - (workers - 1) * results[0][2]
 
 
 def search(cache, costs, th_img_grid, objective, budget=None, max_drop_pp=None, mode="dynamic",

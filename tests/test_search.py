@@ -98,6 +98,12 @@ def test_fast_search_equals_brute_force(synthetic, mode):
     for drop in (0.0, 1.0, 3.0, 10.0):
         fast = search.search(cache, COSTS, TH_IMG, "min_cost", max_drop_pp=drop, mode=mode, workers=1).best
         _same(fast, search.select(everything, "min_cost", max_drop_pp=drop)[0])
+    # Two workers sharing their incumbent find the same optima.
+    budget = 0.7 * everything[0].expected_cost
+    _same(search.search(cache, COSTS, TH_IMG, "max_miou", budget=budget, mode=mode, workers=2).best,
+          search.select(everything, "max_miou", budget=budget)[0])
+    _same(search.search(cache, COSTS, TH_IMG, "min_cost", max_drop_pp=2.0, mode=mode, workers=2).best,
+          search.select(everything, "min_cost", max_drop_pp=2.0)[0])
     fast = search.search(cache, COSTS, TH_IMG, "pareto", mode=mode, workers=2)
     reference = search.select(everything, "pareto")[1]
     assert len(fast.front) == len(reference) > 1
