@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from mess_tf import io_utils, policy
+from mess_tf.keras_lib import keras
 from mess_tf.deployment import FINAL_EXIT
 
 IGNORE_LABEL = 255
@@ -195,9 +196,10 @@ def confusion_counts(pred, labels, num_classes):
     return np.stack([tp, predicted - tp, actual - tp]).astype(np.int64)
 
 
-def _image_stats(logits_by_exit, label, exit_ids, exit_strides, th_pix_grid, cfg, num_classes):
-    """conf_frac [E, P] and counts [3, E + 1, C] of one image."""
-    conf = np.stack([policy.confidence_fractions(logits_by_exit[e], s, th_pix_grid, cfg)
+def _image_stats(logits_by_exit, coarse_by_exit, label, exit_ids, exit_strides, th_pix_grid, cfg, num_classes):
+    """conf_frac [E, P] (from the coarse logits) and counts [3, E + 1, C] (from the full-resolution
+    logits) of one image."""
+    conf = np.stack([policy.confidence_fractions(coarse_by_exit[e], s, th_pix_grid, cfg)
                      for e, s in zip(exit_ids, exit_strides)]) if exit_ids else np.zeros((0, len(th_pix_grid)))
     counts = np.stack([confusion_counts(np.argmax(logits_by_exit[e], -1), label, num_classes)
                        for e in (*exit_ids, FINAL_EXIT)], axis=1)
@@ -210,8 +212,11 @@ def build_cache(predict_fn, batches, exit_ids, exit_strides, num_classes, th_pix
     """Runs every candidate exit on the calibration images and collects a CalibrationCache.
 
     Args:
-      predict_fn: images float [B, H, W, 3] -> {exit_id: logits [B, H, W, C] at input resolution,
-        ..., "final": logits}; must cover every id in exit_ids.
+      predict_fn: images float [B, H, W, 3] -> (logits, coarse_logits): logits {exit_id: [B, H, W, C]
+        at input resolution, ..., "final": ...} (scored against the labels) and coarse_logits
+        {exit_id: [B, H/stride, W/stride, C]} at each exit's own resolution (the policy's input,
+        see MultiExitNetwork.coarse_logits); both must cover every id in exit_ids. A plain logits
+        dict means the exits have no coarser resolution: the policy reads the logits themselves.
       batches: iterable of (images [B, H, W, 3], labels int [B, H, W]) numpy pairs, in the order of
         image_names (deterministic, so a resumed pass skips the images already done).
       exit_ids, exit_strides: the E candidate exits and their output strides.
@@ -240,7 +245,9 @@ def build_cache(predict_fn, batches, exit_ids, exit_strides, num_classes, th_pix
         skip = min(max(done - seen, 0), count)
         if skip < count:
             outputs = predict_fn(images[skip:])
-            missing = [k for k in (*exit_ids, FINAL_EXIT) if k not in outputs]
+            outputs, coarse = outputs if isinstance(outputs, tuple) else (outputs, outputs)
+            missing = [k for k in (*exit_ids, FINAL_EXIT) if k not in outputs] + [
+                f"{k} (coarse)" for k in exit_ids if k not in coarse]
             if missing:
                 raise ValueError(f"predict_fn returned no logits for exits {missing}")
             for i in range(skip, count):
@@ -248,8 +255,9 @@ def build_cache(predict_fn, batches, exit_ids, exit_strides, num_classes, th_pix
                 if index >= n:
                     raise ValueError(f"the batches hold more images than the {n} image names")
                 logits = {k: np.asarray(outputs[k][i - skip]) for k in (*exit_ids, FINAL_EXIT)}
+                coarse_logits = {k: np.asarray(coarse[k][i - skip]) for k in exit_ids}
                 cache.conf_frac[index], counts = _image_stats(
-                    logits, np.asarray(labels[i]), exit_ids, cache.exit_strides, th_pix_grid, policy_config, c)
+                    logits, coarse_logits, np.asarray(labels[i]), exit_ids, cache.exit_strides, th_pix_grid, policy_config, c)
                 cache.tp[index], cache.fp[index], cache.fn[index] = counts
             done, since_checkpoint = seen + count, since_checkpoint + count - skip
             if partial_path and since_checkpoint >= checkpoint_every:
@@ -299,8 +307,13 @@ def calibrate_network(net, checkpoint, batches, image_names, th_pix_grid, policy
     Returns:
       CalibrationCache.
     """
+    model = keras.Model(net.image, {"logits": net.model.output,
+                                    "coarse": {e: net.coarse_logits(e) for e in net.exit_ids}})
+
     def predict(images):
-        return {k: v.numpy() for k, v in net.model(images, training=False).items()}
+        outputs = model(images, training=False)
+        return ({k: v.numpy() for k, v in outputs["logits"].items()},
+                {k: v.numpy() for k, v in outputs["coarse"].items()})
 
     strides = [net.position_of(e).stride for e in net.exit_ids]
     return build_cache(predict, batches, net.exit_ids, strides, net.model.output["final"].shape[-1], th_pix_grid,

@@ -37,6 +37,8 @@ from mess_tf.latency import table
 PRECISIONS = ("float32", "float16", "int8")
 CLASS_MAP = "class_map"
 CONFIDENCE = "confidence"
+# Stage-model outputs that are the exit itself, not features handed to the next stage.
+STAGE_EXIT_OUTPUTS = (network.EXIT_LOGITS, network.EXIT_COARSE_LOGITS)
 FULL_SIGNATURE = "full"
 METADATA_SUFFIX = ".json"
 # Scales of one feature map on both sides of a stage boundary may differ by float rounding only.
@@ -226,8 +228,9 @@ def convert_model(model, precision, calibration_inputs=None, signature=DEFAULT_S
     if precision == "int8":
         def dataset():
             for feed in calibration_inputs:
-                yield signature, ({"input": feed} if not isinstance(model.input, dict) and not isinstance(feed, dict)
-                                  else feed)
+                if not isinstance(model.input, dict):  # a lone input is named "input" (_signature_function)
+                    feed = {"input": next(iter(feed.values())) if isinstance(feed, dict) else feed}
+                yield signature, feed
     return _convert({signature: function}, model.variables, precision, dataset)
 
 
@@ -295,15 +298,17 @@ def _stages(net, config):
         stride = net.position_of(eid).stride if choice else net.config.backbone.output_stride
         stages.append(Stage(stage_signature(k + 1), eid, stride,
                             choice.th_pix if choice else None, choice.th_img if choice else None,
-                            tuple(model.input), tuple(n for n in model.output if n != network.EXIT_LOGITS)))
+                            tuple(model.input), tuple(n for n in model.output if n not in STAGE_EXIT_OUTPUTS)))
     return models, stages
 
 
-def _exit_outputs(logits, stage, policy_config, precision):
-    """Exit k's class map and, for early exits, its image confidence."""
-    outputs = {CLASS_MAP: tf.cast(tf.argmax(logits, axis=-1), tf.uint8)}
+def _exit_outputs(result, stage, policy_config, precision):
+    """Exit k's class map (input resolution) and, for early exits, its image confidence, computed
+    on the exit's coarse logits (its own output resolution, as in calibration)."""
+    outputs = {CLASS_MAP: tf.cast(tf.argmax(result[network.EXIT_LOGITS], axis=-1), tf.uint8)}
     if stage.is_early_exit:
-        confidence = policy.image_confidence_tf(logits, stage.th_pix, stage.stride, policy_config)
+        confidence = policy.image_confidence_tf(result[network.EXIT_COARSE_LOGITS], stage.th_pix, stage.stride,
+                                                policy_config)
         if precision == "int8":
             # A fraction in [0, 1]: pin its int8 range instead of trusting calibration to span it.
             confidence = tf.quantization.fake_quant_with_min_max_args(confidence, min=0.0, max=1.0)
@@ -314,9 +319,8 @@ def _exit_outputs(logits, stage, policy_config, precision):
 def _stage_functions(models, stages, policy_config, precision):
     def wrap(stage):
         def outputs(result):
-            result = dict(result)
-            logits = result.pop(network.EXIT_LOGITS)
-            return {**result, **_exit_outputs(logits, stage, policy_config, precision)}
+            features = {n: v for n, v in result.items() if n not in STAGE_EXIT_OUTPUTS}
+            return {**features, **_exit_outputs(result, stage, policy_config, precision)}
         return outputs
 
     return {s.signature: _signature_function(s.signature, m, wrap(s)) for m, s in zip(models, stages)}
@@ -331,11 +335,10 @@ def _full_function(models, stages, policy_config, precision):
     def full(features):
         outputs = {}
         for model, stage in zip(models, stages):
-            result = dict(model(features, training=False))
-            logits = result.pop(network.EXIT_LOGITS)
-            for name, value in _exit_outputs(logits, stage, policy_config, precision).items():
+            result = model(features, training=False)
+            for name, value in _exit_outputs(result, stage, policy_config, precision).items():
                 outputs[f"{stage.signature}_{name}"] = value
-            features = result
+            features = {n: result[n] for n in stage.features}
         return outputs
 
     return tf.function(full, input_signature=[spec]).get_concrete_function()

@@ -18,6 +18,7 @@ from mess_tf.deployment import FINAL_EXIT, exit_id
 from mess_tf.keras_lib import keras
 
 EXIT_LOGITS = "exit_logits"
+EXIT_COARSE_LOGITS = "exit_coarse_logits"  # the exit's logits before upsampling (policy input)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +152,14 @@ class MultiExitNetwork:
         """The logits KerasTensor of exit `eid` (or "final")."""
         return self._logits[eid]
 
+    def coarse_logits(self, eid):
+        """Exit `eid`'s logits at its own output resolution [B, H/stride, W/stride, C]: the input
+        of its bilinear `*_upsample` layer (the logits themselves when there is none). The exit
+        policy's confidence is computed on these (mess_tf/policy.py)."""
+        logits = self._logits[eid]
+        layer = logits._keras_history.layer
+        return layer.input if layer.name.endswith("_upsample") else logits
+
     # -- stages --------------------------------------------------------------------------------
 
     def stage_models(self, ids, truncate=False):
@@ -163,9 +172,9 @@ class MultiExitNetwork:
 
         Returns:
           list of keras Models. Stage 1 takes {"image"}; stage k takes tensors named after the
-          layers that produced them in stage < k. Each returns {EXIT_LOGITS: logits} plus those
-          named tensors that later stages need. Chained in order they reproduce
-          `subset_model(ids)` exit by exit.
+          layers that produced them in stage < k. Each returns {EXIT_LOGITS: logits,
+          EXIT_COARSE_LOGITS: the same exit's coarse_logits} plus those named tensors that later
+          stages need. Chained in order they reproduce `subset_model(ids)` exit by exit.
         """
         self._check_ids(ids)
         positions = [self.position_of(e).index for e in ids]
@@ -180,9 +189,10 @@ class MultiExitNetwork:
             stage_layers.append(needed)
             done |= needed
         order = graph.topological_layers(list(self._logits.values()))
-        return [self._stage(k, anchors[k][0], stage_layers, order) for k in range(len(anchors))]
+        coarse = [self.coarse_logits(e) for e in ids] + ([] if truncate else [self.coarse_logits(FINAL_EXIT)])
+        return [self._stage(k, anchors[k][0], coarse[k], stage_layers, order) for k in range(len(anchors))]
 
-    def _stage(self, k, logits, stage_layers, order):
+    def _stage(self, k, logits, coarse_logits, stage_layers, order):
         """Stage k+1: replays its layers from new inputs for what earlier stages computed."""
         by_name = {layer.name: layer for layer in order}
         rank = {layer.name: i for i, layer in enumerate(order)}
@@ -201,7 +211,7 @@ class MultiExitNetwork:
             needed = sorted(set(produced_for(mine, earlier)) | (set(carried) & earlier), key=rank.get)
             new_inputs = {_io_name(n): keras.Input(by_name[n].output.shape[1:], name=_io_name(n)) for n in needed}
             feeds = [(by_name[n].output, new_inputs[_io_name(n)]) for n in needed]
-        targets = {EXIT_LOGITS: logits, **{_io_name(n): by_name[n].output for n in carried}}
+        targets = {EXIT_LOGITS: logits, EXIT_COARSE_LOGITS: coarse_logits, **{_io_name(n): by_name[n].output for n in carried}}
         return keras.Model(new_inputs, graph.replay(targets, feeds), name=f"stage_{k + 1}")
 
 

@@ -1,6 +1,8 @@
 """The exit policy: pixel confidence, edge-aware smoothing, image confidence, exit decision.
 
-DESIGN.md §1.3. For one exit's logits [H, W, C] (at input resolution):
+DESIGN.md §1.3. For one exit's logits [h, w, C] at the exit's OWN output resolution (one pixel per
+`stride` input pixels, before the bilinear upsampling to the input size; a phone then spends
+stride^2 times fewer pixels on the decision than at input resolution):
 
   1. pixel confidence: top-1 softmax probability, or 1 - H(p) / log(C) ("entropy"), both in [0, 1];
   2. edge-aware smoothing: pixels near a semantic edge of the exit's OWN prediction (argmax map)
@@ -11,9 +13,9 @@ DESIGN.md §1.3. For one exit's logits [H, W, C] (at input resolution):
   3. image confidence: the fraction of pixels whose smoothed confidence is >= th_pix;
   4. exit if image confidence >= th_img.
 
-The exit's logits are bilinear upsamplings of a grid with one cell per `stride` input pixels, so
-its boundaries are blurred over a band that grows with the stride: radius = max(1,
-round(edge_radius_per_stride * stride)) (stride 8 -> 1, 16 -> 2, 32 -> 4 with the default 1/8).
+Upsampled logits blur boundaries over a band of about edge_radius_per_stride * stride input
+pixels; on the exit's own grid that band is ceil(edge_radius_per_stride) feature pixels (1 with
+the default 1/8, whatever the stride), which is the radius used here.
 
 There is one numpy implementation (used by calibration) and one TensorFlow implementation (`*_tf`,
 batched [B, H, W, C], pure TF ops that TFLite converts: slicing, max_pool2d, top_k, MIRROR_PAD) used
@@ -21,6 +23,7 @@ inside Keras models and exported graphs; tests/test_policy.py proves they agree.
 see labels.
 """
 import dataclasses
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -36,8 +39,8 @@ class PolicyConfig:
       confidence: "top1" (max softmax probability) or "entropy" (1 - H / log C).
       edge_smoothing: replace the confidence of pixels near predicted edges by the median of
         their neighbourhood.
-      edge_radius_per_stride: edge band half-width (and median window radius) in input pixels
-        per unit of the exit's output stride.
+      edge_radius_per_stride: edge band half-width in input pixels per unit of the exit's
+        output stride (i.e. in feature pixels, rounded up).
     """
 
     confidence: str = "top1"
@@ -51,8 +54,12 @@ class PolicyConfig:
             raise ValueError(f"edge_radius_per_stride must be > 0, got {self.edge_radius_per_stride}")
 
     def radius(self, stride):
-        """Edge band half-width and median window radius, in input pixels, for an exit at `stride`."""
-        return max(1, int(round(self.edge_radius_per_stride * stride)))
+        """Edge band half-width and median window radius in FEATURE pixels for an exit at `stride`.
+
+        The band of edge_radius_per_stride * stride input pixels spans edge_radius_per_stride
+        feature pixels at any stride (rounded up, at least 1)."""
+        del stride  # cancels out: the band is a fixed number of the exit's own pixels
+        return max(1, math.ceil(self.edge_radius_per_stride))
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -112,7 +119,7 @@ def smooth_confidence(conf, pred, stride, cfg=PolicyConfig()):
     Args:
       conf: float [H, W] pixel confidence.
       pred: int [H, W] the exit's own argmax prediction.
-      stride: the exit's output stride (input pixels per feature pixel).
+      stride: the exit's output stride (input pixels per pixel of conf).
     Returns:
       float32 [H, W]: conf, with pixels near predicted edges replaced by the median of their
       (2r+1) x (2r+1) neighbourhood (reflect padding at the image border).

@@ -6,10 +6,19 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _targets():
+    """(kind, name, .py sources, deps) of every rule, each rule read up to its closing parenthesis."""
     text = (ROOT / "BUILD").read_text()
-    rules = re.findall(r"(py_library|py_binary|py_test)\(\s*name\s*=\s*\"([^\"]+)\"(.*?)\n\)", text, re.S)
-    return [(kind, name, re.findall(r"\"([^\"]+\.py)\"", body), re.findall(r"\":([^\"]+)\"", body))
-            for kind, name, body in rules]
+    targets = []
+    for match in re.finditer(r"(py_library|py_binary|py_test)\(", text):
+        depth, end = 1, match.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            end += 1
+        body = text[match.end():end]
+        name = re.search(r"name\s*=\s*\"([^\"]+)\"", body).group(1)
+        targets.append((match.group(1), name, re.findall(r"\"([^\"]+\.py)\"", body),
+                        re.findall(r"\":([^\"]+)\"", body)))
+    return targets
 
 
 def _sources(folder, pattern="*.py"):

@@ -13,6 +13,8 @@ def _data(seed=0):
     labels = rng.integers(0, CLASSES, (IMAGES, 6, 6))
     labels[:, 0] = 255
     logits = {k: rng.normal(size=(IMAGES, 6, 6, CLASSES)).astype(np.float32) for k in (*EXITS, "final")}
+    # The policy reads each exit's own low-resolution logits, distinct from the scored ones.
+    logits.update({f"{k}/coarse": rng.normal(size=(IMAGES, 3, 3, CLASSES)).astype(np.float32) for k in EXITS})
     images = np.arange(IMAGES, dtype=np.float32)[:, None, None, None] * np.ones((1, 6, 6, 3), np.float32)
     return images, labels, logits
 
@@ -20,7 +22,8 @@ def _data(seed=0):
 def _build(images, labels, logits, calls, **kwargs):
     def predict(batch):
         calls.extend(batch[:, 0, 0, 0].astype(int).tolist())
-        return {k: v[batch[:, 0, 0, 0].astype(int)] for k, v in logits.items()}
+        index = batch[:, 0, 0, 0].astype(int)
+        return ({k: logits[k][index] for k in (*EXITS, "final")}, {k: logits[f"{k}/coarse"][index] for k in EXITS})
 
     batches = [(images[i:i + 3], labels[i:i + 3]) for i in range(0, IMAGES, 3)]
     return calibration.build_cache(predict, batches, EXITS, (8, 16), CLASSES, TH_PIX, policy.PolicyConfig(),
@@ -32,7 +35,7 @@ def test_cache_holds_the_policy_fractions_and_the_confusion_counts():
     cache = _build(images, labels, logits, [])
     assert cache.conf_frac.shape == (IMAGES, 2, 3) and cache.tp.shape == (IMAGES, 3, CLASSES)
     n = 4
-    np.testing.assert_array_equal(cache.conf_frac[n, 1], policy.confidence_fractions(logits[EXITS[1]][n], 16, TH_PIX))
+    np.testing.assert_array_equal(cache.conf_frac[n, 1], policy.confidence_fractions(logits[f"{EXITS[1]}/coarse"][n], 16, TH_PIX))
     pred, label = logits["final"][n].argmax(-1), labels[n]
     valid = label != 255
     for c in range(CLASSES):
@@ -51,7 +54,8 @@ def test_interrupted_pass_resumes_where_it_stopped(tmp_path):
         if len(calls) >= 3:
             raise KeyboardInterrupt
         calls.extend(batch[:, 0, 0, 0].astype(int).tolist())
-        return {k: v[batch[:, 0, 0, 0].astype(int)] for k, v in logits.items()}
+        index = batch[:, 0, 0, 0].astype(int)
+        return ({k: logits[k][index] for k in (*EXITS, "final")}, {k: logits[f"{k}/coarse"][index] for k in EXITS})
 
     batches = [(images[i:i + 3], labels[i:i + 3]) for i in range(0, IMAGES, 3)]
     with pytest.raises(KeyboardInterrupt):

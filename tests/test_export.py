@@ -98,7 +98,7 @@ def test_parts_chain_to_the_network_and_convert(tiny_net):
     final = parts["final_head"](features[positions[-1]])
     np.testing.assert_allclose(final.numpy(), expected["final"].numpy(), atol=1e-4)
     # One segment, one head and the final head through the converter, float16 and int8.
-    head_id = f"head/{EXITS[1]}"
+    head_id = f"head:{EXITS[1]}"
     float16 = export.convert_model(parts[head_id], "float16")
     got = run_signature(float16, "serving_default", input=features["block_6_project_BN"])["output"]
     np.testing.assert_allclose(got, expected[EXITS[1]].numpy(), atol=0.05, rtol=0.05)

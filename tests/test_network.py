@@ -24,6 +24,7 @@ def _chain(stages, images):
     for stage in stages:
         out = stage({name: carried[name] for name in stage.input}, training=False)
         logits.append(out.pop(network.EXIT_LOGITS).numpy())
+        out.pop(network.EXIT_COARSE_LOGITS)
         carried.update(out)
     return logits
 
@@ -127,3 +128,21 @@ def test_wrapping_a_user_model():
     assert out["stage_a:fcn_w8_b1"].shape == (1, 32, 32, 4) and out["final"].shape == (1, 32, 32, 4)
     chained = _chain(net.stage_models(net.exit_ids), images)
     np.testing.assert_allclose(chained[1], out["final"].numpy(), atol=1e-5)
+
+
+def test_coarse_logits_are_the_exit_before_upsampling_and_stages_return_them(mobilenet):
+    ids = [mobilenet.exit_ids[0], mobilenet.exit_ids[-1]]  # at different positions
+    images = _images()
+    coarse = keras.Model(mobilenet.image, {e: mobilenet.coarse_logits(e) for e in ids + ["final"]})(images)
+    full = mobilenet.model(images, training=False)
+    carried = {"image": images}
+    for eid, stage in zip(ids + ["final"], mobilenet.stage_models(ids)):
+        out = stage({name: carried[name] for name in stage.input}, training=False)
+        stride = mobilenet.position_of(eid).stride if eid != "final" else 16
+        assert coarse[eid].shape == (2, SIZE // stride, SIZE // stride, 5)
+        np.testing.assert_allclose(out.pop(network.EXIT_COARSE_LOGITS).numpy(), coarse[eid].numpy(), atol=1e-5)
+        # Upsampling the coarse logits gives the exit's logits.
+        upsampled = layers.Resizing(SIZE, SIZE, interpolation="bilinear")(coarse[eid]).numpy()
+        np.testing.assert_allclose(upsampled, full[eid].numpy(), atol=1e-4)
+        out.pop(network.EXIT_LOGITS)
+        carried.update(out)

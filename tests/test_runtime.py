@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mess_tf import deployment, export, network, runtime
+from mess_tf import deployment, export, network, policy, runtime
+from mess_tf.keras_lib import keras
 from test_export import EXITS, calibrate_batch_norm, dynamic_config, images, tiny_config
 
 TIE_EPSILON = 1e-3  # logits this close are a tie: float rounding may pick either class
@@ -108,11 +109,29 @@ def test_int8_model_agrees_with_keras(tiny_net, tmp_path):
     model = runtime.StagedModel.load(path)
     batch = images(3, seed=8)
     expected = tiny_net.model(batch)
-    first_exit_agreement = []
+    agreement = []
     for i, image in enumerate(batch):
         results = list(model.anytime(image))
         assert [r.exit_id for r in results] == list(EXITS) + ["final"]
-        reference = np.argmax(expected[EXITS[0]].numpy()[i], -1)
-        first_exit_agreement.append(miou(results[0].class_map, reference, tiny_net.config.num_classes))
-    # A random-weight network has small logit margins; a trained one is checked on the demo split.
-    assert np.mean(first_exit_agreement) > 0.8
+        for result in results:
+            reference = np.argmax(expected[result.exit_id].numpy()[i], -1)
+            agreement.append(np.mean(result.class_map == reference))
+    # Pixel agreement of every exit (0.83 measured): a random-weight network has small logit
+    # margins, so int8 rounding flips some argmaxes; a broken int8 hand-off between stages
+    # collapses the later maps and falls far below this.
+    assert np.mean(agreement) > 0.7
+
+
+def test_exported_confidence_is_the_calibration_policy_on_coarse_logits(tiny_net, float_model):
+    """The in-graph confidence is policy.image_confidence on the exit's own-resolution logits,
+    exactly what the calibration cache records (up to float rounding at th_pix: one pixel)."""
+    batch = images(2, seed=6)
+    coarse = keras.Model(tiny_net.image, {e: tiny_net.coarse_logits(e) for e in EXITS})(batch)
+    for i, image in enumerate(batch):
+        got = list(float_model.anytime(image))[-1].confidences
+        for eid, confidence in zip(EXITS, got):
+            logits = coarse[eid].numpy()[i]
+            stride = tiny_net.position_of(eid).stride
+            assert logits.shape[:2] == (64 // stride, 64 // stride)
+            expected = policy.image_confidence(logits, 0.4, stride)
+            assert abs(confidence - expected) <= 1.0 / logits[..., 0].size + 1e-6

@@ -1,0 +1,355 @@
+"""Host latency model of the deployable MESS network: how well latency tables compose, and what
+staging, dynamic-exit control and int8 cost on this machine (LiteRT interpreter, XNNPACK).
+
+The network: a MobileNetV2 DeepLabV3 (random weights: latency does not depend on them) with three
+early exits `fcn_w32_b1` at the candidate positions nearest 25/50/75% of the backbone's MACs.
+int8 models are full-integer, calibrated on random images.
+
+  1. composition (int8): a LatencyTable of every part (export.convert_parts +
+     host.measure_parts) composes each configuration's latency (CostTable.worst); the staged
+     model of the configuration, every stage run (host.measure_end_to_end), is the measured
+     side. Configurations: budgeted (truncated) at each exit; dynamic with the first 1, 2, 3
+     exits, run to the final exit (the worst case). The table holds no cost for the in-graph
+     exit policy, so the same table is also checked against static models of the same layers
+     without it (see 3).
+  2. staging: the staged model of the 3-exit dynamic configuration (one signature per stage,
+     every stage chained) vs its unstaged model (one signature running them all): size and
+     latency, float32 and int8.
+  3. dynamic control (int8): the staged model run by mess_tf.runtime, forced to leave at exit k
+     (in-graph confidence, thresholds checked in Python, feature maps handed between
+     signatures) vs a static single-signature model of the same layers (backbone to exit k and
+     the heads of exits 1..k, class maps only, no confidence); with the default edge-aware
+     policy and with top-1 confidence only (no edge smoothing).
+  4. float32 vs int8 latency of each backbone's single-exit DeepLab network.
+
+Models compared with each other are timed in alternation (A, B, A, B, ...) so that load from
+other processes hits them alike; the figures quoted are ratios of medians.
+
+    python bench/latency_model.py [--alpha=0.5 --input_size=160 --rounds=60 --threads=1]
+
+Prints markdown tables, writes bench/results/latency_model.json, and prints, last, a JSON line
+with `median_composition_error` (vs the staged models), `staging_size_overhead`,
+`staging_latency_overhead` (int8) and `dynamic_control_overhead` (median over exits, default
+policy), each a fraction.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mess_tf import backbones, deployment, export, heads, network, policy, runtime  # noqa: E402
+from mess_tf.io_utils import write_json  # noqa: E402
+from mess_tf.keras_lib import keras, layers  # noqa: E402
+from mess_tf.latency import host  # noqa: E402
+from mess_tf.latency import table as table_lib  # noqa: E402
+
+EXIT_HEAD = "fcn_w32_b1"
+EXIT_DEPTHS = (0.25, 0.5, 0.75)  # fractions of the backbone's MACs
+NUM_CLASSES = 21
+CALIBRATION_IMAGES = 4
+WARMUP_ROUNDS = 5
+# The deployed precision: composition, control and the headline staging overhead use it.
+DEPLOYED = "int8"
+PRECISIONS = ("float32", "int8")
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+def alternate(calls, rounds):
+    """Times callables in alternation: each round calls every one once, in turn.
+
+    Args:
+      calls: dict name -> callable taking no arguments.
+      rounds: timed rounds (after WARMUP_ROUNDS untimed ones).
+
+    Returns:
+      dict name -> table.Timing (ms per call).
+    """
+    times = {name: [] for name in calls}
+    for r in range(WARMUP_ROUNDS + rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if r >= WARMUP_ROUNDS:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: table_lib.Timing.from_samples(t) for name, t in times.items()}
+
+
+def interpreter(model, threads):
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_content=model, num_threads=threads)
+
+
+def chained(model, signatures, threads):
+    """A callable running `signatures` of one model in order on one image, each fed the feature
+    maps the previous one returned (what the app does for the anytime path)."""
+    runners = [interpreter(model, threads).get_signature_runner(s) for s in signatures]
+    image = host.random_inputs(runners[0].get_input_details())
+
+    def run():
+        feed = image
+        for runner in runners:
+            outputs = runner(**feed)
+            feed = {n: v for n, v in outputs.items() if n not in (export.CLASS_MAP, export.CONFIDENCE)}
+    return run
+
+
+# -- the network and its configurations --------------------------------------------------------
+
+
+def exit_positions(backbone):
+    """The candidate positions nearest EXIT_DEPTHS of the backbone's MACs, in depth order."""
+    total = backbone.positions[-1].cumulative_macs
+    nearest = [min(backbone.positions, key=lambda p: abs(p.cumulative_macs / total - depth)) for depth in EXIT_DEPTHS]
+    if len({p.name for p in nearest}) != len(nearest):
+        raise ValueError(f"exit depths {EXIT_DEPTHS} map to repeated positions {[p.name for p in nearest]}")
+    return nearest
+
+
+def configurations(exit_ids):
+    """name -> DeploymentConfig: budgeted at each exit, dynamic with the first 1..N exits."""
+    choices = [deployment.ExitChoice(*e.split(":"), th_pix=0.9, th_img=0.9) for e in exit_ids]
+    configs = {f"budgeted@{k + 1}": deployment.DeploymentConfig("budgeted", [c]) for k, c in enumerate(choices)}
+    configs.update({f"dynamic x{k}": deployment.DeploymentConfig("dynamic", choices[:k])
+                    for k in range(1, len(choices) + 1)})
+    return configs
+
+
+def random_images(count, size, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(0, 255, (*size, 3)).astype(np.float32) for _ in range(count)]
+
+
+# -- 1. composition ----------------------------------------------------------------------------
+
+
+def latency_table(net, precision, folder, calibration, timing):
+    """The LatencyTable of every part of `net`, measured on this host."""
+    parts = {k: table_lib.PartModel(v) for k, v in export.convert_parts(net, precision, calibration).items()}
+    key = table_lib.TableKey(host.host_device(), precision, timing.num_threads, net.config.input_size)
+    positions = [p.name for p in net.backbone.positions]
+    return host.measure_parts(parts, os.path.join(folder, f"table_{precision}.json"), key, positions, timing,
+                              notes="bench/latency_model.py, random weights")
+
+
+def staged_models(net, configs, precision, folder, calibration, timing):
+    """Exports the staged model of each configuration and times it with every stage run.
+
+    Returns:
+      (dict name -> staged model path, list of (name, config, Timing) for host.composition_errors).
+    """
+    paths, measured = {}, []
+    for name, config in configs.items():
+        paths[name] = os.path.join(folder, f"{name.replace(' ', '_').replace('@', '_')}_{precision}.tflite")
+        metadata = export.export_staged_model(paths[name], net, config, precision, calibration)
+        signatures = [s["signature"] for s in metadata["stages"]]
+        measured.append((name, config, host.measure_end_to_end(paths[name], signatures, timing)))
+    return paths, measured
+
+
+# -- 2. staging overhead -----------------------------------------------------------------------
+
+
+def staging(net, config, precision, calibration, threads, rounds):
+    """Size and latency of the staged model vs the unstaged model of `config` (every stage run)."""
+    staged, stages = export.build_model(net, config, precision, calibration)
+    unstaged, _ = export.build_model(net, config, precision, calibration, staged=False)
+    ms = alternate({"staged": chained(staged, [s.signature for s in stages], threads),
+                    "unstaged": chained(unstaged, [export.FULL_SIGNATURE], threads)}, rounds)
+    return {"precision": precision, "stages": len(stages), "staged_bytes": len(staged), "unstaged_bytes": len(unstaged),
+            "staged_ms": ms["staged"].median_ms, "unstaged_ms": ms["unstaged"].median_ms,
+            "size_overhead": len(staged) / len(unstaged) - 1,
+            "latency_overhead": ms["staged"].median_ms / ms["unstaged"].median_ms - 1}
+
+
+# -- 3. dynamic-exit control overhead ----------------------------------------------------------
+
+
+def static_models(net, exit_ids, precision, calibration):
+    """Per exit k (and the final exit): a single-signature .tflite computing the class maps of
+    exits 1..k, i.e. the layers a dynamic image leaving at k runs, without confidences.
+
+    Returns:
+      list of .tflite bytes aligned with exit_ids + ["final"].
+    """
+    argmax = layers.Lambda(lambda logits: tf.cast(tf.argmax(logits, axis=-1), tf.uint8))
+    models = []
+    for k in range(len(exit_ids) + 1):
+        ids = list(exit_ids[:k + 1]) if k < len(exit_ids) else list(exit_ids) + [deployment.FINAL_EXIT]
+        model = keras.Model(net.image, {f"class_map_{i}": argmax(net.logits(e)) for i, e in enumerate(ids)})
+        models.append(export.convert_model(model, precision, [image[None] for image in calibration]))
+    return models
+
+
+def control(dynamic_paths, statics, exit_ids, input_size, threads, rounds):
+    """Per exit k: the runtime running each dynamic staged model, forced to leave at k, vs the
+    static model of the same layers, timed in alternation. All take the same float image and
+    quantise it on the way in.
+
+    Args:
+      dynamic_paths: dict policy name -> staged model path of the same configuration.
+      statics: static .tflite bytes per exit (static_models).
+
+    Returns:
+      list of rows: exit, static_ms, and per policy `<policy>_ms` and `<policy>_overhead`.
+    """
+    dynamic = {name: runtime.StagedModel.load(path, num_threads=threads) for name, path in dynamic_paths.items()}
+    image = random_images(1, input_size, seed=1)[0]
+    rows = []
+    for k, (eid, static_bytes) in enumerate(zip(list(exit_ids) + [deployment.FINAL_EXIT], statics)):
+        # Confidences lie in [0, 1]: threshold 0 always exits, +inf never does.
+        th_img = [0.0 if i == k else float("inf") for i in range(len(exit_ids))]
+        for name, model in dynamic.items():
+            if model.run(image, "dynamic", th_img).exit_index != k:
+                raise RuntimeError(f"{name}: thresholds {th_img} did not force exit {k}")
+        runner = interpreter(static_bytes, threads).get_signature_runner()
+        (input_name, detail), = runner.get_input_details().items()
+        calls = {name: lambda model=model: model.run(image, "dynamic", th_img) for name, model in dynamic.items()}
+        # The runtime's own quantisation, so that both sides pay the same for it.
+        calls["static"] = lambda: runner(**{input_name: runtime._quantise(image[None], detail)})
+        ms = alternate(calls, rounds)
+        row = {"exit": eid, "static_ms": ms["static"].median_ms}
+        for name in dynamic:
+            row[f"{name}_ms"] = ms[name].median_ms
+            row[f"{name}_overhead"] = ms[name].median_ms / ms["static"].median_ms - 1
+        rows.append(row)
+    return rows
+
+
+# -- 4. float32 vs int8 per backbone -----------------------------------------------------------
+
+
+def backbone_precisions(input_size, threads, rounds):
+    """float32 and int8 latency of each backbone's single-exit DeepLab network (output stride 16)."""
+    rows = []
+    calibration = random_images(CALIBRATION_IMAGES, input_size, seed=2)
+    for name in backbones.BACKBONES:
+        keras.backend.clear_session()
+        config = network.NetworkConfig(backbones.BackboneConfig(name, 16, 1.0, None), NUM_CLASSES, input_size,
+                                       heads.FinalHeadConfig(filters=256, separable=True))
+        model = network.MultiExitNetwork(config).single_exit_model()
+        calls = {}
+        for precision in PRECISIONS:
+            runner = interpreter(export.convert_model(model, precision, [im[None] for im in calibration]),
+                                 threads).get_signature_runner()
+            inputs = host.random_inputs(runner.get_input_details())
+            calls[precision] = lambda runner=runner, inputs=inputs: runner(**inputs)
+        ms = alternate(calls, rounds)
+        rows.append({"backbone": name, "float32_ms": ms["float32"].median_ms, "int8_ms": ms["int8"].median_ms,
+                     "int8_speedup": ms["float32"].median_ms / ms["int8"].median_ms})
+    return rows
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def markdown(title, header, rows):
+    lines = [f"\n### {title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def composition_row(check):
+    return (check.name, f"{check.composed_ms:.2f}", f"{check.measured_ms:.2f}", f"{100 * check.error:.1f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--alpha", type=float, default=0.5, help="MobileNetV2 width multiplier.")
+    parser.add_argument("--input_size", type=int, default=160, help="Square input size (pixels) of the MESS network.")
+    parser.add_argument("--backbone_input_size", type=int, default=128, help="Square input size of the backbone sweep.")
+    parser.add_argument("--threads", type=int, default=1, help="Interpreter threads.")
+    parser.add_argument("--runs", type=int, default=100, help="Timed runs per part and per configuration.")
+    parser.add_argument("--rounds", type=int, default=60, help="Timed rounds of each alternation.")
+    parser.add_argument("--backbone_rounds", type=int, default=20, help="Timed rounds per backbone.")
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                          "results", "latency_model.json"))
+    args = parser.parse_args()
+    started = time.time()
+    size = (args.input_size,) * 2
+    config = network.NetworkConfig(backbones.BackboneConfig("mobilenet_v2", 16, args.alpha, None), NUM_CLASSES, size,
+                                   heads.FinalHeadConfig(filters=256, separable=True))
+    exit_ids = [deployment.exit_id(p.name, EXIT_HEAD)
+                for p in exit_positions(backbones.Backbone(config.backbone, size))]
+    net = network.MultiExitNetwork(config, exit_ids)
+    configs = configurations(exit_ids)
+    dynamic_name = f"dynamic x{len(exit_ids)}"
+    calibration = random_images(CALIBRATION_IMAGES, size)
+    timing = host.HostTimingConfig(num_threads=args.threads, warmup_runs=WARMUP_ROUNDS, num_runs=args.runs)
+    with tempfile.TemporaryDirectory() as folder:
+        table = latency_table(net, DEPLOYED, folder, calibration, timing)
+        paths, measured = staged_models(net, configs, DEPLOYED, folder, calibration, timing)
+        checks, median_error = host.composition_errors(table, measured)
+        # The same table against models of the same layers without the in-graph exit policy.
+        statics = static_models(net, exit_ids, DEPLOYED, calibration)
+        composed = table.cost_table().exit_costs(configs[dynamic_name])
+        bare = [host.CompositionCheck(f"static to {eid}", c, host.measure_end_to_end(m, None, timing).median_ms)
+                for eid, c, m in zip(configs[dynamic_name].exit_ids, composed, statics)]
+        top1_path = os.path.join(folder, f"dynamic_top1_{DEPLOYED}.tflite")
+        export.export_staged_model(top1_path, net, configs[dynamic_name], DEPLOYED, calibration,
+                                   policy.PolicyConfig(edge_smoothing=False))
+        control_rows = control({"edge_aware": paths[dynamic_name], "top1": top1_path}, statics, exit_ids, size,
+                               args.threads, args.rounds)
+    staging_rows = [staging(net, configs[dynamic_name], precision, calibration, args.threads, args.rounds)
+                    for precision in PRECISIONS]
+    backbone_rows = backbone_precisions((args.backbone_input_size,) * 2, args.threads, args.backbone_rounds)
+    deployed_staging = next(r for r in staging_rows if r["precision"] == DEPLOYED)
+    summary = {
+        "median_composition_error": median_error,
+        "staging_size_overhead": deployed_staging["size_overhead"],
+        "staging_latency_overhead": deployed_staging["latency_overhead"],
+        "dynamic_control_overhead": float(np.median([r["edge_aware_overhead"] for r in control_rows])),
+    }
+    results = {
+        "network": config.to_dict(), "exits": exit_ids, "precision": DEPLOYED, "threads": args.threads,
+        "runs": args.runs, "rounds": args.rounds, "device": host.host_device(), "runtime": host.runtime_version(),
+        "table": table.to_dict(),
+        "composition": [dataclasses.asdict(c) | {"error": c.error} for c in checks],
+        "composition_without_policy": [dataclasses.asdict(c) | {"error": c.error} for c in bare],
+        "median_composition_error_without_policy": float(np.median([c.error for c in bare])),
+        "control": control_rows,
+        "median_control_overhead_top1": float(np.median([r["top1_overhead"] for r in control_rows])),
+        "staging": staging_rows, "backbones": backbone_rows, "seconds": time.time() - started, "summary": summary,
+    }
+    write_json(args.output, results)
+
+    print(f"MobileNetV2 alpha={args.alpha} {size[0]}x{size[1]}, exits {exit_ids}, {DEPLOYED}, {args.threads} "
+          f"thread(s), {host.runtime_version()}, XNNPACK; {results['seconds']:.0f} s")
+    composition_header = ["measured model", "composed ms", "measured ms", "error %"]
+    print(markdown(f"Composition: latency table vs staged models, every stage run (median ms, {DEPLOYED})",
+                   composition_header, [composition_row(c) for c in checks]))
+    print(markdown(f"Composition: latency table vs static models of the same layers, no exit policy ({DEPLOYED})",
+                   composition_header, [composition_row(c) for c in bare]))
+    print(markdown(f"Dynamic control: runtime + {dynamic_name} staged model leaving at exit k vs a static model "
+                   f"of the same layers ({DEPLOYED}); policy: edge-aware (default) and top-1 only",
+                   ["exit", "static ms", "edge-aware ms", "overhead %", "top-1 ms", "overhead %"],
+                   [(r["exit"], f"{r['static_ms']:.2f}", f"{r['edge_aware_ms']:.2f}",
+                     f"{100 * r['edge_aware_overhead']:.1f}", f"{r['top1_ms']:.2f}", f"{100 * r['top1_overhead']:.1f}")
+                    for r in control_rows]))
+    print(markdown(f"Staging: staged vs unstaged model, {dynamic_name}, every stage run",
+                   ["precision", "stages", "staged KB", "unstaged KB", "size +%", "staged ms", "unstaged ms",
+                    "latency +%"],
+                   [(r["precision"], r["stages"], f"{r['staged_bytes'] / 1024:.0f}", f"{r['unstaged_bytes'] / 1024:.0f}",
+                     f"{100 * r['size_overhead']:.2f}", f"{r['staged_ms']:.2f}", f"{r['unstaged_ms']:.2f}",
+                     f"{100 * r['latency_overhead']:.1f}") for r in staging_rows]))
+    print(markdown(f"float32 vs int8, single-exit DeepLab, {args.backbone_input_size}x{args.backbone_input_size}, "
+                   "output stride 16",
+                   ["backbone", "float32 ms", "int8 ms", "int8 speed-up"],
+                   [(r["backbone"], f"{r['float32_ms']:.2f}", f"{r['int8_ms']:.2f}", f"{r['int8_speedup']:.2f}x")
+                    for r in backbone_rows]))
+    print(f"\nwrote {args.output}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

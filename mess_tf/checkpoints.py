@@ -1,0 +1,148 @@
+"""Run directories: checkpoints plus the config that built them.
+
+A training run writes into one directory:
+  run_config.json   {"network": NetworkConfig dict, "train": TrainConfig dict, "exits": [...], "init_from": ...}
+  checkpoint, ckpt-<step>.*   tf.train.CheckpointManager files (model, optimiser, step)
+  metrics.json      written at the end
+  logs/             TensorBoard summaries
+
+Every tool that takes a checkpoint accepts either the run directory (its latest checkpoint) or a
+checkpoint prefix (RUN_DIR/ckpt-<step>), and rebuilds the network from run_config.json.
+"""
+import dataclasses
+import os
+
+import tensorflow as tf
+
+from mess_tf import io_utils, network
+
+RUN_CONFIG = "run_config.json"
+# Fields of a network config that fix the shapes of the backbone and final-head weights; the input
+# size may differ (the network is fully convolutional) and weight-file paths do not matter.
+_WEIGHT_SHAPING_FIELDS = ("backbone.name", "backbone.output_stride", "backbone.alpha", "num_classes", "final_head")
+
+
+def resolve_checkpoint(path):
+    """A run directory (-> its latest checkpoint) or a checkpoint prefix -> the checkpoint prefix.
+
+    Raises:
+      FileNotFoundError naming `path` and what was expected.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        latest = tf.train.latest_checkpoint(path)
+        if not latest:
+            raise FileNotFoundError(f"run directory {path} holds no checkpoint (no 'checkpoint' file written by "
+                                    f"tools.train); pass a run directory or a prefix like RUN_DIR/ckpt-1000")
+        return latest
+    if tf.io.gfile.exists(path + ".index"):
+        return path
+    raise FileNotFoundError(f"checkpoint not found: {path} (expected a run directory or a checkpoint prefix such as "
+                            f"RUN_DIR/ckpt-1000, whose files are ckpt-1000.index and ckpt-1000.data-*)")
+
+
+def read_run_config(path):
+    """The run_config.json of a run directory or of the run a checkpoint prefix belongs to."""
+    run_dir = path if os.path.isdir(path) else os.path.dirname(os.fspath(path))
+    return io_utils.read_json(os.path.join(run_dir, RUN_CONFIG), what="run config")
+
+
+def write_run_config(run_dir, run_config):
+    io_utils.write_json(os.path.join(run_dir, RUN_CONFIG), run_config)
+
+
+def network_config(run_config):
+    """The NetworkConfig of a run, without its pretrained-weights file (checkpoints supersede it)."""
+    config = network.NetworkConfig.from_dict(run_config["network"])
+    return dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, weights=None))
+
+
+def restore_model(model, checkpoint):
+    """Restores a model's weights (not the optimiser) from a training checkpoint.
+
+    Raises:
+      ValueError if the checkpoint lacks some of the model's variables.
+    """
+    status = tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise ValueError(f"checkpoint {checkpoint} does not match the network built from its run config: {e}") from None
+
+
+def load_network(checkpoint_or_run_dir):
+    """Rebuilds a trained network (all its exits) and loads its weights.
+
+    Args:
+      checkpoint_or_run_dir: a run directory (its latest checkpoint) or a checkpoint prefix.
+
+    Returns:
+      (network.MultiExitNetwork, run_config dict).
+    """
+    checkpoint = resolve_checkpoint(checkpoint_or_run_dir)
+    run_config = read_run_config(checkpoint)
+    net = network.MultiExitNetwork(network_config(run_config), run_config["exits"])
+    restore_model(net.model, checkpoint)
+    return net, run_config
+
+
+def _field(d, dotted):
+    for key in dotted.split("."):
+        d = d[key]
+    return d
+
+
+def config_differences(old, new, fields=None):
+    """["field: old -> new", ...] for the (dotted) fields of two nested dicts that differ."""
+    def flatten(d, prefix=""):
+        flat = {}
+        for k, v in d.items():
+            flat.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return flat
+
+    if fields is not None:
+        old, new = ({f: _field(d, f) for f in fields} for d in (old, new))
+    old, new = flatten(old), flatten(new)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if _as_json(old.get(k)) != _as_json(new.get(k))]
+
+
+def _as_json(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def init_from(net, checkpoint_or_run_dir):
+    """Initialises `net` from another run's checkpoint, layer by layer by name.
+
+    Every backbone and final-head layer of `net` must be in the source run, with the same shapes
+    (e.g. stage 2 starting from stage 1); exit heads the source also has are copied too, the
+    others keep their fresh initialisation.
+
+    Returns:
+      (checkpoint path used, names of the exit-head layers copied).
+
+    Raises:
+      ValueError if the source network's architecture is incompatible.
+    """
+    checkpoint = resolve_checkpoint(checkpoint_or_run_dir)
+    source_config = read_run_config(checkpoint)
+    diffs = config_differences(source_config["network"], net.config.to_dict(), _WEIGHT_SHAPING_FIELDS)
+    if diffs:
+        raise ValueError(f"--init_from {checkpoint_or_run_dir}: its network is incompatible with this one "
+                         f"({'; '.join(diffs)})")
+    source_net = network.MultiExitNetwork(network_config(source_config), source_config["exits"])
+    restore_model(source_net.model, checkpoint)
+    source_layers = {layer.name: layer for layer in source_net.model.layers}
+    copied = []
+    for layer in net.model.layers:
+        if not layer.weights:
+            continue
+        is_exit = layer.name.startswith("exit_")
+        if layer.name not in source_layers:
+            if is_exit:
+                continue
+            raise ValueError(f"--init_from {checkpoint_or_run_dir}: the source network has no layer {layer.name!r}")
+        layer.set_weights(source_layers[layer.name].get_weights())
+        if is_exit:
+            copied.append(layer.name)
+    return checkpoint, copied

@@ -1,0 +1,303 @@
+"""The end-to-end MESS experiment behind `make demo`: train once, deploy many times, measure.
+
+Steps, each leaving an artifact under the run folder so a rerun skips what is done:
+
+  data        the built-in demo dataset                      data/
+  baseline    the original single-exit network               baseline/ (checkpoints)
+  stage1      exit-aware backbone training                   stage1/
+  stage2      frozen backbone, every candidate exit          stage2/
+  calibrate   per-image, per-exit cache for the search       calibration.npz
+  profile     host LiteRT latency of every part (int8, fp32) latency_int8.json, latency_float32.json
+  search      one configuration per requirement              configs/<name>.json
+  export      staged .tflite per configuration + baseline    models/<name>_<precision>.tflite
+  evaluate    every model run on the test split              evaluation.json
+  report      summary.md, headline.json, plots               report/
+
+`progress` receives one line per event so a CLI can print it; the library itself prints nothing.
+"""
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+from mess_tf import (backbones, calibration, checkpoints, cost_model, export, heads, io_utils, metrics, network,
+                     policy, report, runtime, search, training)
+from mess_tf.data import demo, pipeline, registry
+from mess_tf.deployment import DeploymentConfig
+from mess_tf.latency import host
+from mess_tf.latency import table as table_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Sizes of one demo run. Steps are optimiser steps of batch `batch_size`."""
+
+    data: str
+    alpha: float
+    filters: int
+    baseline_steps: int
+    stage1_steps: int
+    stage2_steps: int
+    batch_size: int
+    exit_fractions: tuple
+    exit_heads: tuple
+    timing_runs: int
+
+
+PRESETS = {
+    "quick": Preset("quick", 0.35, 32, 150, 150, 100, 8, (0.25, 0.5, 0.75), ("fcn_w0_b0", "fcn_w32_b1"), 10),
+    "default": Preset("default", 0.5, 64, 1200, 1200, 600, 16, (0.15, 0.3, 0.5, 0.75),
+                      ("fcn_w0_b0", "fcn_w32_b1", "fcn_w64_b2_rd", "aspp_w64"), 30),
+}
+# Requirements the search serves: (name, objective, kwargs). The baseline's cost is filled in at run time.
+REQUIREMENTS = (("no_loss", "min_cost", {"max_drop_pp": 0.0}),
+                ("drop_1pp", "min_cost", {"max_drop_pp": 1.0}),
+                ("baseline_cost", "max_miou", {}))
+PRECISIONS = ("int8", "float32")
+TH_PIX_GRID = np.linspace(0.5, 0.95, 10)
+TH_IMG_GRID = np.linspace(0.5, 0.95, 10)
+
+
+class Experiment:
+    """One run folder and the steps that fill it."""
+
+    def __init__(self, out_dir, preset="default", seed=0, progress=None):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+        self.out, self.preset, self.seed = out_dir, PRESETS[preset], seed
+        self.progress = progress or (lambda line: None)
+        self.data_dir = os.path.join(out_dir, "data")
+
+    def path(self, *parts):
+        return os.path.join(self.out, *parts)
+
+    # -- orchestration ---------------------------------------------------------------------------
+
+    def run(self):
+        """Runs every step not done yet; returns the headline rows."""
+        for name in ("data", "baseline", "stage1", "stage2", "calibrate", "profile", "search", "export",
+                     "evaluate", "report"):
+            marker = self.path("steps", name + ".done")
+            if os.path.exists(marker):
+                self.progress(f"[{name}] done earlier, skipped")
+                continue
+            start = time.time()
+            self.progress(f"[{name}] ...")
+            getattr(self, "step_" + name)()
+            io_utils.write_json(marker, {"seconds": time.time() - start})
+            self.progress(f"[{name}] finished in {time.time() - start:.0f} s")
+        return io_utils.read_json(self.path("report", "headline.json"), "headline")
+
+    # -- data and training -----------------------------------------------------------------------
+
+    def dataset(self):
+        return registry.get_dataset("demo", self.data_dir)
+
+    def network_config(self):
+        info = self.dataset().info
+        size = demo.PRESETS[self.preset.data].image_size
+        return network.NetworkConfig(backbones.BackboneConfig("mobilenet_v2", 16, self.preset.alpha),
+                                     info.num_classes, (size, size),
+                                     heads.FinalHeadConfig(filters=self.preset.filters, separable=True))
+
+    def step_data(self):
+        demo.generate(self.data_dir, preset=self.preset.data, seed=self.seed)
+
+    def _train(self, stage, steps, init_from=None, **exits):
+        """Trains one stage into <run>/<stage>, printing progress; resumes an interrupted run."""
+        dataset, config = self.dataset(), self.network_config()
+        data = pipeline.train_dataset(dataset.samples("train"), dataset.info, config.input_size,
+                                      self.preset.batch_size, seed=self.seed)
+        train_config = training.TrainConfig(stage=stage, steps=steps, batch_size=self.preset.batch_size,
+                                            learning_rate=0.02, warmup_steps=steps // 20, seed=self.seed,
+                                            checkpoint_every=max(steps // 4, 1), log_every=max(steps // 10, 1),
+                                            eval_batches=0, **exits)
+
+        def report_progress(p):
+            self.progress(f"  {stage} step {p.step}/{p.steps} loss {p.losses['total']:.3f} "
+                          f"{p.images_per_s:.0f} img/s ETA {p.eta_s:.0f} s")
+
+        training.train(config, train_config, data, self.path(stage), init_from=init_from, progress=report_progress)
+
+    def exit_positions(self):
+        config = self.network_config()
+        return training.positions_at_fractions(backbones.Backbone(config.backbone, config.input_size),
+                                               self.preset.exit_fractions)
+
+    def step_baseline(self):
+        self._train("baseline", self.preset.baseline_steps)
+
+    def step_stage1(self):
+        self._train("stage1", self.preset.stage1_steps, positions=self.exit_positions())
+
+    def step_stage2(self):
+        self._train("stage2", self.preset.stage2_steps, init_from=self.path("stage1"),
+                    positions=self.exit_positions(), heads=self.preset.exit_heads)
+
+    # -- calibration, latency, search ------------------------------------------------------------
+
+    def _split_arrays(self, split):
+        dataset = self.dataset()
+        samples = dataset.samples(split)
+        images = np.stack([pipeline.load_image(s.image_path) for s in samples]).astype(np.float32)
+        labels = np.stack([pipeline.load_label(s.label_path, dataset.info) for s in samples])
+        return [s.name for s in samples], images, labels
+
+    def step_calibrate(self):
+        net, _ = checkpoints.load_network(self.path("stage2"))
+        names, images, labels = self._split_arrays("calibration")
+        batches = ((images[i:i + 16], labels[i:i + 16]) for i in range(0, len(images), 16))
+        cache = calibration.calibrate_network(net, checkpoints.resolve_checkpoint(self.path("stage2")), batches,
+                                              names, TH_PIX_GRID, policy.PolicyConfig(), "demo", "calibration",
+                                              partial_path=self.path("calibration.partial.npz"))
+        cache.save(self.path("calibration.npz"))
+
+    def step_profile(self):
+        net, _ = checkpoints.load_network(self.path("stage2"))
+        _, images, _ = self._split_arrays("calibration")
+        timing = host.HostTimingConfig(num_threads=1, warmup_runs=3, num_runs=self.preset.timing_runs)
+        for precision in PRECISIONS:
+            models = export.convert_parts(net, precision, list(images[:32]))
+            key = table_lib.TableKey(host.host_device(), precision, 1, net.backbone.input_size)
+            host.measure_parts({k: table_lib.PartModel(v) for k, v in models.items()},
+                               self.path(f"latency_{precision}.json"), key,
+                               [p.name for p in net.backbone.positions], timing)
+            self.progress(f"  profiled {len(models)} parts in {precision}")
+
+    def cost_table(self, precision="int8"):
+        return table_lib.LatencyTable.load(self.path(f"latency_{precision}.json")).cost_table()
+
+    def step_search(self):
+        cache = calibration.CalibrationCache.load(self.path("calibration.npz"))
+        costs = self.cost_table()
+        final = search.evaluate(cache, costs, DeploymentConfig("dynamic"))
+        front = search.search(cache, costs, TH_IMG_GRID, "pareto", mode="dynamic")
+        io_utils.write_json(self.path("search", "pareto.json"), {
+            "front": [r.to_dict() for r in front.front], "final": front.final.to_dict(),
+            "space_size": front.space_size, "evaluated": front.evaluated, "seconds": front.seconds})
+        for name, objective, kwargs in REQUIREMENTS:
+            if objective == "max_miou":
+                kwargs = {"budget": final.expected_cost}
+            outcome = search.search(cache, costs, TH_IMG_GRID, objective, mode="dynamic", **kwargs)
+            config = outcome.best.deployment_config(cache.network_config, {"requirement": name})
+            config.save(self.path("configs", f"{name}.json"))
+            self.progress(f"  {name}: predicted mIoU {outcome.best.miou:.4f} (final {final.miou:.4f}), "
+                          f"expected {outcome.best.expected_cost:.2f} ms")
+
+    # -- deployment and measurement --------------------------------------------------------------
+
+    def deployments(self):
+        """Name -> (run folder, DeploymentConfig) of every model the report compares."""
+        out = {"baseline": (self.path("baseline"), DeploymentConfig("budgeted"))}
+        for name, _, _ in REQUIREMENTS:
+            out[name] = (self.path("stage2"), DeploymentConfig.load(self.path("configs", f"{name}.json")))
+        return out
+
+    def step_export(self):
+        _, images, _ = self._split_arrays("calibration")
+        for name, (run_dir, config) in self.deployments().items():
+            net, _ = checkpoints.load_network(run_dir)
+            for precision in PRECISIONS:
+                path = self.path("models", f"{name}_{precision}.tflite")
+                export.export_staged_model(path, net, config, precision, list(images[:32]),
+                                           class_names=self.dataset().info.class_names)
+                self.progress(f"  exported {path}")
+
+    def step_evaluate(self):
+        names, images, labels = self._split_arrays("test")
+        num_classes = self.dataset().info.num_classes
+        results = {}
+        for name in self.deployments():
+            for precision in PRECISIONS:
+                model = runtime.StagedModel.load(self.path("models", f"{name}_{precision}.tflite"))
+                matrix, exits, times = metrics.ConfusionMatrix(num_classes), [], []
+                for image, label in zip(images, labels):
+                    result = model.run(image)
+                    matrix.update(result.class_map, label)
+                    exits.append(result.exit_id)
+                    times.append(result.total_ms)
+                ids, counts = np.unique(exits, return_counts=True)
+                results[f"{name}_{precision}"] = {
+                    "miou": matrix.miou(), "latency_ms": float(np.mean(times)),
+                    "exit_fractions": {i: float(c) / len(exits) for i, c in zip(ids, counts)}}
+                self.progress(f"  {name} {precision}: mIoU {matrix.miou():.4f}, {np.mean(times):.2f} ms/image")
+        results["oracle"] = self._oracle(images, labels)
+        io_utils.write_json(self.path("evaluation.json"), results)
+
+    def _oracle(self, images, labels):
+        """Each test image leaves at the cheapest exit (by int8 latency of the truncated network)
+        whose pixel accuracy is at least the final exit's: the bound any exit policy can reach."""
+        net, _ = checkpoints.load_network(self.path("stage2"))
+        costs = self.cost_table()
+        exit_cost = {e: costs.backbone_to(net.position_of(e).name) + costs.head_cost(e) for e in net.exit_ids}
+        exit_cost["final"] = costs.backbone_to(costs.positions[-1]) + costs.final_head
+        order = sorted(exit_cost, key=exit_cost.get)
+        matrix, spent = metrics.ConfusionMatrix(net.config.num_classes), []
+        for i in range(len(images)):
+            logits = net.model(images[i:i + 1], training=False)
+            preds = {k: np.argmax(v[0].numpy(), -1) for k, v in logits.items()}
+            valid = labels[i] != 255
+            accuracy = {k: float(np.mean(p[valid] == labels[i][valid])) if valid.any() else 1.0
+                        for k, p in preds.items()}
+            chosen = next(k for k in order if accuracy[k] >= accuracy["final"])
+            matrix.update(preds[chosen], labels[i])
+            spent.append(exit_cost[chosen])
+        return {"miou": matrix.miou(), "latency_ms_int8_composed": float(np.mean(spent))}
+
+    # -- report ------------------------------------------------------------------------------------
+
+    def step_report(self):
+        evaluation = io_utils.read_json(self.path("evaluation.json"), "evaluation")
+        cache = calibration.CalibrationCache.load(self.path("calibration.npz"))
+        macs = _macs_table(self)
+        rows = []
+        base = evaluation["baseline_int8"], evaluation["baseline_float32"]
+        for name, (_, config) in self.deployments().items():
+            int8, fp32 = evaluation[f"{name}_int8"], evaluation[f"{name}_float32"]
+            fractions = [int8["exit_fractions"].get(e, 0.0) for e in config.exit_ids]
+            rows.append({"name": name, "miou_test": round(100 * int8["miou"], 2),
+                         "macs": int(macs.expected(config, fractions)),
+                         "latency_ms_int8": round(int8["latency_ms"], 3),
+                         "latency_ms_float": round(fp32["latency_ms"], 3),
+                         "ratio_vs_baseline_int8": round(base[0]["latency_ms"] / int8["latency_ms"], 2),
+                         "ratio_vs_baseline_float": round(base[1]["latency_ms"] / fp32["latency_ms"], 2)})
+        oracle = evaluation["oracle"]
+        rows.append({"name": "oracle", "miou_test": round(100 * oracle["miou"], 2), "macs": None,
+                     "latency_ms_int8": round(oracle["latency_ms_int8_composed"], 3), "latency_ms_float": None,
+                     "ratio_vs_baseline_int8": round(base[0]["latency_ms"] / oracle["latency_ms_int8_composed"], 2),
+                     "ratio_vs_baseline_float": None})
+        io_utils.write_json(self.path("report", "headline.json"), rows)
+        pareto = io_utils.read_json(self.path("search", "pareto.json"), "pareto front")
+        front = [(r["expected_cost"], 100 * r["miou"]) for r in pareto["front"]]
+        markers = [("final exit (calibration)", pareto["final"]["expected_cost"], 100 * pareto["final"]["miou"])]
+        report.pareto_plot(self.path("report", "pareto.png"), [], front, markers, unit="ms (int8, host)",
+                           title=f"Calibration split: {pareto['space_size']:.3g} configurations searched")
+        report.exit_distribution_plot(self.path("report", "exit_distribution.png"), {
+            name: evaluation[f"{name}_int8"]["exit_fractions"] for name in self.deployments() if name != "baseline"})
+        self._examples()
+        table = report.markdown_table(rows, report.HEADLINE_KEYS)
+        summary = (f"# MESS demo ({self.preset.data} preset)\n\nTest split, host LiteRT, 1 thread. mIoU in %, "
+                   f"MACs expected per image, latency mean ms per image.\n\n{table}\n\n"
+                   f"Calibration images: {cache.num_images}. Exits: {', '.join(cache.exit_ids)}.\n")
+        with io_utils.atomic_open(self.path("report", "summary.md")) as f:
+            f.write(summary)
+
+    def _examples(self, count=4):
+        net, _ = checkpoints.load_network(self.path("stage2"))
+        names, images, labels = self._split_arrays("test")
+        logits = net.model(images[:count], training=False)
+        columns = list(net.exit_ids) + ["final"]
+        predictions = [[np.argmax(logits[c][i].numpy(), -1) for c in columns] for i in range(min(count, len(images)))]
+        report.examples_plot(self.path("report", "examples.png"), list(images[:count]), list(labels[:count]),
+                             predictions, self.dataset().info.palette, [c.split(":")[-1] for c in columns])
+
+
+def _macs_table(experiment):
+    """The MACs CostTable of the stage-2 network's parts."""
+    net, _ = checkpoints.load_network(experiment.path("stage2"))
+    pairs = [network.parse_exit_id(e) for e in net.exit_ids]
+    costs = cost_model.network_costs(net.config, sorted({h for _, h in pairs}, key=lambda h: h.id),
+                                     sorted({p for p, _ in pairs}), backbone=net.backbone)
+    return costs.cost_table()
+

@@ -1,0 +1,69 @@
+"""Quantisation-aware training (tensorflow-model-optimization) for fine-tuning before int8 export.
+
+Known limits (DESIGN.md §5):
+  * dilated (atrous) convolutions stay float: tfmot's QAT cannot fake-quantise them (upstream
+    issue), so they are left unannotated, as are layers tfmot has no 8-bit rule for (resizing,
+    rescaling, ...). Post-training int8 export still quantises everything.
+  * MobileNetV3 is unsupported upstream (tfmot crashes on keras.applications MobileNetV3).
+Where QAT cannot run, `quantize_aware_or_float` returns the float model and says why.
+"""
+import logging
+
+from mess_tf.keras_lib import keras, layers
+
+
+class QatUnavailable(RuntimeError):
+    """QAT cannot wrap this model; the message says why."""
+
+
+def _is_dilated(layer):
+    return isinstance(layer, (layers.Conv2D, layers.DepthwiseConv2D)) and max(layer.dilation_rate) > 1
+
+
+def quantize_aware(model, backbone_name=None):
+    """A QAT copy of `model`: fake-quantised (int8) wherever tfmot supports the layer.
+
+    Args:
+      model: functional tf_keras model.
+      backbone_name: the network's backbone (backbones.BACKBONES), to refuse MobileNetV3 early.
+
+    Returns:
+      keras Model with the same inputs/outputs, starting from `model`'s weights (its own copies).
+
+    Raises:
+      QatUnavailable with the reason.
+    """
+    if backbone_name and backbone_name.startswith("mobilenet_v3"):
+        raise QatUnavailable(f"QAT does not support {backbone_name}: tensorflow-model-optimization fails on "
+                             f"keras.applications MobileNetV3 upstream")
+    try:
+        import tensorflow_model_optimization as tfmot
+        from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+            default_8bit_quantize_registry)
+    except ImportError as e:
+        raise QatUnavailable(f"tensorflow-model-optimization is not installed ({e})") from None
+    registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
+    quantize = tfmot.quantization.keras
+
+    def annotate(layer):
+        if registry.supports(layer) and not _is_dilated(layer):
+            return quantize.quantize_annotate_layer(layer)
+        return layer
+
+    try:
+        annotated = keras.models.clone_model(model, clone_function=annotate)
+        annotated.set_weights(model.get_weights())
+        with quantize.quantize_scope():
+            return quantize.quantize_apply(annotated)
+    except Exception as e:  # tfmot raises assorted errors on graphs it cannot rewrite
+        raise QatUnavailable(f"tensorflow-model-optimization could not wrap model {model.name!r}: "
+                             f"{type(e).__name__}: {e}") from None
+
+
+def quantize_aware_or_float(model, backbone_name=None):
+    """(QAT model, None), or (`model` itself, the reason) when QAT cannot run; logs the fallback."""
+    try:
+        return quantize_aware(model, backbone_name), None
+    except QatUnavailable as e:
+        logging.warning("QAT unavailable, fine-tuning in float: %s", e)
+        return model, str(e)

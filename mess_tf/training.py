@@ -1,0 +1,516 @@
+"""MESS training: the baseline, the two stages, and naive joint training, as custom loops.
+
+  * baseline: the original single-exit network (every result is compared with it).
+  * stage1 (exit-aware backbone training): backbone + final head trained end to end with light
+    exits attached; each step's loss is the final exit's plus ONE early exit's, the early exit
+    alternating over the chosen ones (round robin, or random but reproducible per step).
+  * stage2 (frozen backbone): backbone and final head run with training=False (batch norm uses
+    and keeps its moving statistics) and their variables are not given to the optimiser; every
+    candidate exit is trained at once on one shared backbone pass, with cross-entropy plus
+    positive-filtering distillation from the final exit (switchable).
+  * joint (naive ablation): all exits and the backbone trained end to end together.
+
+Each step is a tf.function around a GradientTape, run with `strategy.run` under any
+tf.distribute strategy (default, MirroredStrategy, MultiWorkerMirroredStrategy): gradients are
+summed over replicas explicitly, then clipped, then applied.
+
+Resume: the checkpoint holds the model, the optimiser (whose `iterations` is the step) and
+nothing else; the data position is the step, because the training data must be deterministic for
+a given seed: a resumed run skips the batches already consumed. A run killed at any moment
+therefore resumes from its last checkpoint and ends with the same weights as an uninterrupted one.
+"""
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import time
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
+from mess_tf import checkpoints, graph, heads, io_utils, losses, network, optimizers
+from mess_tf.deployment import FINAL_EXIT, exit_id
+from mess_tf.keras_lib import keras
+
+STAGES = ("baseline", "stage1", "stage2", "joint")
+SCHEDULES = ("round_robin", "random")
+LIGHT_EXIT_HEAD = "fcn_w32_b0"  # stage 1's default exits: a 1x1 reduction and a classifier
+METRICS = "metrics.json"
+# TrainConfig fields a resumed run may change: they affect reporting, not the weights.
+_REPORTING_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batches")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train (the network itself is a network.NetworkConfig).
+
+    Attributes:
+      stage: one of STAGES.
+      steps: optimiser steps in total (a resumed run continues to this step).
+      batch_size: global batch size in images (split over replicas).
+      optimizer: "sgd" (momentum + poly decay) or "adamw" (poly decay too).
+      learning_rate: peak learning rate; momentum: SGD momentum; weight_decay: decoupled, per step.
+      warmup_steps: linear learning-rate warm-up.
+      clip_norm: clip the replica-summed gradient to this global norm; 0 = off.
+      mixed_precision: float16 compute with loss scaling; only on a GPU (ignored with a warning elsewhere).
+      seed: seeds weights initialisation and the stage-1 random schedule.
+      exits: exit ids (`position:head_id`) to attach; empty = `positions` x `heads`.
+      positions: candidate position names; empty = every position but the last (the backbone output).
+      heads: exit-head ids; empty = LIGHT_EXIT_HEAD for stage1, heads.default_head_space() otherwise.
+      schedule: stage 1's choice of the early exit per step, "round_robin" or "random".
+      final_weight, exit_weight: loss weights of the final exit and of each early exit
+        (stage 1, joint; stage 2 weighs every exit 1).
+      distillation: stage 2 adds positive-filtering distillation from the final exit.
+      temperature, distillation_weight: of that distillation term.
+      checkpoint_every, keep_checkpoints: checkpoint cadence (steps) and how many to keep.
+      log_every: steps per progress record.
+      eval_every: steps between validation mIoU evaluations (0 = at checkpoints); eval_batches:
+        validation batches per evaluation (0 = no evaluation).
+    """
+
+    stage: str = "baseline"
+    steps: int = 1000
+    batch_size: int = 8
+    optimizer: str = "sgd"
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    warmup_steps: int = 0
+    clip_norm: float = 0.0
+    mixed_precision: bool = False
+    seed: int = 0
+    exits: tuple = ()
+    positions: tuple = ()
+    heads: tuple = ()
+    schedule: str = "round_robin"
+    final_weight: float = 1.0
+    exit_weight: float = 1.0
+    distillation: bool = True
+    temperature: float = 1.0
+    distillation_weight: float = 1.0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    eval_every: int = 0
+    eval_batches: int = 8
+
+    def __post_init__(self):
+        for name in ("exits", "positions", "heads"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; expected one of {STAGES}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown stage-1 schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        if self.optimizer not in optimizers.OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {optimizers.OPTIMIZERS}")
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+        if self.stage == "baseline" and (self.exits or self.positions or self.heads):
+            raise ValueError("the baseline stage trains the single-exit network; do not give exits, positions or heads")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """One progress record (every `log_every` steps, and at the last step).
+
+    Attributes:
+      step, steps: steps done and in total.
+      losses: name -> mean loss over the steps since the last record ("total", "final", exit ids).
+      learning_rate: at this step.
+      images_per_s: training throughput since the last record.
+      eta_s: estimated seconds to the end at that throughput.
+      miou: exit id | "final" -> validation mIoU, when an evaluation ran at this step; else None.
+    """
+
+    step: int
+    steps: int
+    losses: dict
+    learning_rate: float
+    images_per_s: float
+    eta_s: float
+    miou: dict = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns: the trained network, its run directory, last checkpoint and metrics."""
+
+    network: network.MultiExitNetwork
+    run_dir: str
+    checkpoint: str
+    metrics: dict
+
+
+# -- exits ----------------------------------------------------------------------------------------
+
+def positions_at_fractions(backbone, fractions):
+    """Names of the candidate positions whose cumulative MACs are closest to `fractions` of the
+    whole backbone's (e.g. (0.25, 0.5, 0.75)); never the last position (the final head's)."""
+    total = backbone.positions[-1].cumulative_macs
+    candidates = backbone.positions[:-1]
+    chosen = [min(candidates, key=lambda p: abs(p.cumulative_macs - f * total)).name for f in fractions]
+    return list(dict.fromkeys(chosen))
+
+
+def resolve_exits(train_config, backbone_positions=None):
+    """The exit ids a run attaches.
+
+    Args:
+      train_config: TrainConfig.
+      backbone_positions: callable returning the backbone's Position list; only called when the
+        config names neither exits nor positions.
+    """
+    if train_config.stage == "baseline":
+        return []
+    if train_config.exits:
+        return list(train_config.exits)
+    positions = train_config.positions or [p.name for p in backbone_positions()[:-1]]
+    if train_config.heads:
+        head_ids = train_config.heads
+    elif train_config.stage == "stage1":
+        head_ids = (LIGHT_EXIT_HEAD,)
+    else:
+        head_ids = [h.id for h in heads.default_head_space()]
+    return [exit_id(p, h) for p in positions for h in head_ids]
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+def miou_from_confusion(confusion):
+    """Mean IoU over the classes present in labels or predictions; confusion [C, C] (rows = labels)."""
+    confusion = np.asarray(confusion, np.float64)
+    true_positive = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - true_positive
+    present = union > 0
+    return float(np.mean(true_positive[present] / union[present])) if present.any() else 0.0
+
+
+def evaluate(model, dataset, num_classes, max_batches=0, ignore_label=losses.IGNORE_LABEL):
+    """Per-exit mIoU of a multi-output segmentation model.
+
+    Args:
+      model: keras Model, images [B, H, W, 3] -> {name: logits [B, H, W, num_classes]}.
+      dataset: tf.data of (images float32 [B, H, W, 3], labels int [B, H, W]) batches.
+      num_classes: classes (labels equal to `ignore_label` do not count).
+      max_batches: evaluate at most this many batches; 0 = the whole dataset.
+
+    Returns:
+      {output name: mIoU in [0, 1]}.
+    """
+    @tf.function
+    def confusions(images, labels):
+        labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+        valid = tf.not_equal(labels, ignore_label)
+        labels = tf.boolean_mask(labels, valid)
+        return {name: tf.math.confusion_matrix(
+                    labels, tf.boolean_mask(tf.reshape(tf.argmax(logits, -1, output_type=tf.int32), [-1]), valid),
+                    num_classes, dtype=tf.int64)
+                for name, logits in model(images, training=False).items()}
+
+    totals = None
+    for images, labels in (dataset.take(max_batches) if max_batches else dataset):
+        batch = {k: v.numpy() for k, v in confusions(images, labels).items()}
+        totals = batch if totals is None else {k: totals[k] + batch[k] for k in totals}
+    if totals is None:
+        raise ValueError("the evaluation dataset is empty")
+    return {name: miou_from_confusion(c) for name, c in totals.items()}
+
+
+# -- the per-stage losses -------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Plan:
+    """One kind of training step.
+
+    prepare: images -> model inputs, computed outside the gradient tape (stage 2's frozen pass).
+    loss: (inputs, labels) -> (total loss, {name: loss}).
+    variables: the variables this step trains.
+    """
+
+    prepare: callable
+    loss: callable
+    variables: list
+
+
+def _end_to_end_plan(model, config, exit_ids):
+    """Trains `model` end to end on final_weight * CE(final) + exit_weight * sum CE(exits)."""
+    def loss(images, labels):
+        outputs = model(images, training=True)
+        parts = {FINAL_EXIT: losses.cross_entropy(labels, outputs[FINAL_EXIT])}
+        parts.update({e: losses.cross_entropy(labels, outputs[e]) for e in exit_ids})
+        total = config.final_weight * parts[FINAL_EXIT] + config.exit_weight * tf.add_n(
+            [parts[e] for e in exit_ids] or [tf.constant(0.0)])
+        return total, parts
+
+    return _Plan(lambda images: images, loss, model.trainable_variables)
+
+
+def _frozen_backbone_plan(net, config):
+    """Stage 2: a frozen (inference-mode) pass to every position and the final logits, then all
+    exit heads trained on those features."""
+    positions = list(dict.fromkeys(net.position_of(e).name for e in net.exit_ids))
+    frozen = keras.Model(net.image, {"features": {p: net.backbone.feature(p) for p in positions},
+                                     FINAL_EXIT: net.logits(FINAL_EXIT)}, name="frozen_backbone")
+    feature_inputs = {p: keras.Input(net.backbone.feature(p).shape[1:], name=p) for p in positions}
+    exit_heads = keras.Model(feature_inputs, graph.replay(
+        {e: net.logits(e) for e in net.exit_ids},
+        [(net.backbone.feature(p), feature_inputs[p]) for p in positions]), name="exit_heads")
+    teacher_weight = config.distillation_weight if config.distillation else 0.0
+
+    def loss(frozen_outputs, labels):
+        outputs = exit_heads(frozen_outputs["features"], training=True)
+        teacher = frozen_outputs[FINAL_EXIT]
+        parts = {e: losses.exit_loss(labels, outputs[e], teacher, teacher_weight, config.temperature)[0]
+                 for e in net.exit_ids}
+        return tf.add_n(list(parts.values())), parts
+
+    return _Plan(lambda images: frozen(images, training=False), loss, exit_heads.trainable_variables)
+
+
+def _plans(net, config):
+    """The training steps of a stage; stage 1 has one per early exit."""
+    if config.stage == "baseline":
+        return [_end_to_end_plan(net.single_exit_model(), config, [])]
+    if not net.exit_ids:
+        raise ValueError(f"stage {config.stage} needs at least one early exit")
+    if config.stage == "stage1":
+        return [_end_to_end_plan(net.subset_model([e]), config, [e]) for e in net.exit_ids]
+    if config.stage == "stage2":
+        return [_frozen_backbone_plan(net, config)]
+    return [_end_to_end_plan(net.model, config, net.exit_ids)]
+
+
+def stage1_exit_index(schedule, step, num_exits, seed):
+    """Which early exit stage 1 trains at `step` (1-based); a pure function of its arguments, so
+    a resumed run continues the same sequence."""
+    if schedule == "round_robin":
+        return (step - 1) % num_exits
+    return int(np.random.default_rng([seed, step]).integers(num_exits))
+
+
+def _train_step(strategy, optimizer, plan, clip_norm, loss_scaling):
+    """A tf.function running one distributed step of `plan`; returns replica-mean losses."""
+    def replica_step(images, labels):
+        inputs = plan.prepare(images)
+        with tf.GradientTape() as tape:
+            total, parts = plan.loss(inputs, labels)
+            scaled = total / strategy.num_replicas_in_sync
+            if loss_scaling:
+                scaled = optimizer.get_scaled_loss(scaled)
+        grads = tape.gradient(scaled, plan.variables)
+        if loss_scaling:
+            grads = optimizer.get_unscaled_gradients(grads)
+        grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        if clip_norm:
+            grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+        optimizer.apply_gradients(zip(grads, plan.variables), skip_gradients_aggregation=True)
+        return dict(parts, total=total)
+
+    @tf.function
+    def step(images, labels):
+        parts = strategy.run(replica_step, args=(images, labels))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in parts.items()}
+
+    return step
+
+
+# -- run directory and distribution ---------------------------------------------------------------
+
+def _is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "chief" or (not has_chief and resolver.task_type == "worker" and resolver.task_id == 0)
+
+
+def _check_resumable(run_dir, run_config):
+    """Raises if `run_dir` already holds a run whose config differs from `run_config`."""
+    stored = checkpoints.read_run_config(run_dir)
+    comparable = [{**c, "train": {k: v for k, v in c["train"].items() if k not in _REPORTING_FIELDS}}
+                  for c in (stored, run_config)]
+    for c in comparable:
+        c.pop("init_from", None)
+    diffs = checkpoints.config_differences(*comparable)
+    if diffs:
+        raise ValueError(f"output directory {run_dir} holds a run with a different config, which cannot be "
+                         f"resumed with this one ({'; '.join(diffs)}); use a new output directory")
+
+
+@contextlib.contextmanager
+def _compute_dtype(mixed_precision):
+    """Builds layers under the mixed_float16 policy when asked (and a GPU exists)."""
+    previous = keras.mixed_precision.global_policy()
+    if mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+# TensorBoard's scalar-plugin metadata, written with tf.summary.write so that logging needs no
+# tensorboard package (viewing the logs does).
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
+
+
+def _write_scalar(tag, value):
+    tf.summary.write(tag.replace(":", "/"), tf.constant(value, tf.float32), metadata=_SCALAR_METADATA)
+
+
+# -- the entry point ------------------------------------------------------------------------------
+
+def train(network_config, train_config, train_data, output_dir, val_data=None, init_from=None,
+          strategy=None, progress=None):
+    """Trains one stage; resumes if `output_dir` already holds a checkpoint of the same run.
+
+    Args:
+      network_config: network.NetworkConfig (input_size = the training crop).
+      train_config: TrainConfig.
+      train_data: tf.data.Dataset of (images float32 [B, H, W, 3] RGB 0..255, labels uint8/int
+        [B, H, W], 255 = ignore) with B = train_config.batch_size, infinite (or at least `steps`
+        batches) and deterministic for a given seed (a resumed run skips the batches consumed).
+      output_dir: the run directory (checkpoints, run_config.json, metrics.json, logs/).
+      val_data: optional tf.data of (images, labels) batches for per-exit validation mIoU.
+      init_from: optional run directory or checkpoint to initialise from by layer name (e.g. a
+        stage-1 run for stage 2); ignored when resuming.
+      strategy: a tf.distribute.Strategy; default: the current (default) strategy.
+      progress: optional callable receiving a Progress record every `log_every` steps.
+
+    Returns:
+      TrainResult.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    config = train_config
+    if config.batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
+                         f"{strategy.num_replicas_in_sync} replicas")
+    _check_batches(train_data, network_config, "train_data")
+    mixed = config.mixed_precision and bool(tf.config.list_physical_devices("GPU"))
+    if config.mixed_precision and not mixed:
+        logging.warning("mixed precision needs a GPU; training in float32")
+    exits = resolve_exits(config, lambda: _backbone_positions(network_config))
+    run_config = {"network": network_config.to_dict(), "train": config.to_dict(), "exits": exits,
+                  "init_from": init_from and os.fspath(init_from)}
+    resuming = bool(tf.train.latest_checkpoint(output_dir)) if os.path.isdir(output_dir) else False
+    if resuming:
+        _check_resumable(output_dir, run_config)
+
+    keras.utils.set_random_seed(config.seed)
+    with _compute_dtype(mixed), strategy.scope():
+        net = network.MultiExitNetwork(network_config, exits)
+        plans = _plans(net, config)
+        optimizer = optimizers.make_optimizer(config.optimizer, config.learning_rate, config.steps, config.momentum,
+                                              config.weight_decay, config.warmup_steps)
+        if mixed:
+            optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+        optimizer.build(list({id(v): v for p in plans for v in p.variables}.values()))
+    checkpoint = tf.train.Checkpoint(model=net.model, optimizer=optimizer)
+    is_chief = _is_chief(strategy)
+    if resuming:
+        checkpoint.restore(tf.train.latest_checkpoint(output_dir)).assert_consumed()
+    else:
+        if init_from:
+            init_checkpoint, _ = checkpoints.init_from(net, init_from)
+            run_config["init_from"] = init_checkpoint
+        if is_chief:
+            checkpoints.write_run_config(output_dir, run_config)
+    start = int(optimizer.iterations.numpy())
+    steps = [_train_step(strategy, optimizer, plan, config.clip_norm, mixed) for plan in plans]
+    save = _checkpoint_writer(checkpoint, output_dir, config.keep_checkpoints, strategy, is_chief)
+    writer = tf.summary.create_file_writer(os.path.join(output_dir, "logs")) if is_chief \
+        else tf.summary.create_noop_writer()
+    data = iter(strategy.experimental_distribute_dataset(train_data.skip(start)))
+    eval_every = config.eval_every or config.checkpoint_every
+
+    def run_eval():
+        return evaluate(net.model, val_data, network_config.num_classes, config.eval_batches)
+
+    window, window_start, window_steps = collections.defaultdict(list), time.perf_counter(), 0
+    started, last_checkpoint, miou, throughput, last_losses = time.perf_counter(), None, None, [], None
+    for step in range(start + 1, config.steps + 1):
+        index = stage1_exit_index(config.schedule, step, len(steps), config.seed) if config.stage == "stage1" else 0
+        images, labels = next(data)
+        for name, value in steps[index](images, labels).items():
+            window[name].append(float(value))
+        window_steps += 1
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            last_checkpoint = save(step)
+        evaluated = val_data is not None and config.eval_batches and (step % eval_every == 0 or step == config.steps)
+        miou = run_eval() if evaluated else miou
+        if step % config.log_every == 0 or step == config.steps:
+            elapsed = time.perf_counter() - window_start
+            rate = window_steps * config.batch_size / max(elapsed, 1e-9)
+            throughput.append(rate)
+            record = Progress(step, config.steps, {k: float(np.mean(v)) for k, v in window.items()},
+                              float(optimizer.learning_rate.numpy()), rate, (config.steps - step) * config.batch_size / rate,
+                              miou if evaluated else None)
+            with writer.as_default(step=step):
+                for name, value in record.losses.items():
+                    _write_scalar(f"loss/{name}", value)
+                _write_scalar("images_per_s", rate)
+                for name, value in (record.miou or {}).items():
+                    _write_scalar(f"miou/{name}", value)
+            if progress:
+                progress(record)
+            last_losses = record.losses
+            window, window_start, window_steps = collections.defaultdict(list), time.perf_counter(), 0
+    writer.flush()
+    last_checkpoint = last_checkpoint or checkpoints.resolve_checkpoint(output_dir)
+    metrics = {"stage": config.stage, "steps": config.steps, "resumed_from_step": start, "exits": net.exit_ids,
+               "train_seconds": time.perf_counter() - started, "mixed_precision": mixed,
+               # the first window includes tracing; leave it out when there are others
+               "images_per_s": float(np.median(throughput[1:] or throughput)) if throughput else None,
+               "final_losses": last_losses, "miou": miou,
+               "checkpoint": last_checkpoint}
+    if is_chief:
+        io_utils.write_json(os.path.join(output_dir, METRICS), metrics)
+    return TrainResult(net, output_dir, last_checkpoint, metrics)
+
+
+def _backbone_positions(network_config):
+    from mess_tf import backbones  # only needed when the config does not name its positions
+    return backbones.Backbone(network_config.backbone, network_config.input_size).positions
+
+
+def _check_batches(dataset, network_config, what):
+    """Raises if `dataset`'s elements are not (images [B, H, W, 3], labels [B, H, W]) at the input size."""
+    spec = dataset.element_spec
+    if not (isinstance(spec, tuple) and len(spec) == 2):
+        raise ValueError(f"{what} must yield (images, labels) pairs, got elements {spec}")
+    image_shape, label_shape = spec[0].shape, spec[1].shape
+    h, w = network_config.input_size
+    if image_shape.rank != 4 or label_shape.rank != 3 or list(image_shape[1:]) not in ([h, w, 3], [None, None, 3]):
+        raise ValueError(f"{what} yields images {image_shape} and labels {label_shape}; expected batches of "
+                         f"images [B, {h}, {w}, 3] and labels [B, {h}, {w}] (the network's input size)")
+
+
+def _checkpoint_writer(checkpoint, run_dir, keep, strategy, is_chief):
+    """save(step) -> checkpoint path. Under multi-worker training every worker must write (the
+    save is collective); only the chief writes into the run directory, the others into a scratch
+    folder removed right away."""
+    if is_chief:
+        manager = tf.train.CheckpointManager(checkpoint, run_dir, max_to_keep=keep)
+        return lambda step: manager.save(checkpoint_number=step)
+    scratch = os.path.join(run_dir, f".worker_{strategy.cluster_resolver.task_id}")
+
+    def save(step):
+        path = checkpoint.write(os.path.join(scratch, f"ckpt-{step}"))
+        shutil.rmtree(scratch, ignore_errors=True)
+        return path
+
+    return save
