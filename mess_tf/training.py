@@ -55,6 +55,9 @@ class TrainConfig:
       learning_rate: peak learning rate; momentum: SGD momentum; weight_decay: decoupled, per step.
       warmup_steps: linear learning-rate warm-up.
       clip_norm: clip the replica-summed gradient to this global norm; 0 = off.
+      bn_momentum: batch-norm moving-average momentum of every layer (DeepLab's batch_norm_decay);
+        None keeps the backbone's own (0.999 in keras.applications MobileNets, whose moving
+        statistics then lag far behind the weights in a short run from scratch).
       mixed_precision: float16 compute with loss scaling; only on a GPU (ignored with a warning elsewhere).
       seed: seeds weights initialisation and the stage-1 random schedule.
       exits: exit ids (`position:head_id`) to attach; empty = `positions` x `heads`.
@@ -80,6 +83,7 @@ class TrainConfig:
     weight_decay: float = 4e-5
     warmup_steps: int = 0
     clip_norm: float = 0.0
+    bn_momentum: float = None
     mixed_precision: bool = False
     seed: int = 0
     exits: tuple = ()
@@ -109,6 +113,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.bn_momentum is not None and not 0 <= self.bn_momentum < 1:
+            raise ValueError(f"bn_momentum={self.bn_momentum} must be in [0, 1)")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
         if self.stage == "baseline" and (self.exits or self.positions or self.heads):
@@ -413,6 +419,8 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
     keras.utils.set_random_seed(config.seed)
     with _compute_dtype(mixed), strategy.scope():
         net = network.MultiExitNetwork(network_config, exits)
+        if config.bn_momentum is not None:
+            _set_bn_momentum(net.model, config.bn_momentum)
         plans = _plans(net, config)
         optimizer = optimizers.make_optimizer(config.optimizer, config.learning_rate, config.steps, config.momentum,
                                               config.weight_decay, config.warmup_steps)
@@ -480,6 +488,13 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
     if is_chief:
         io_utils.write_json(os.path.join(output_dir, METRICS), metrics)
     return TrainResult(net, output_dir, last_checkpoint, metrics)
+
+
+def _set_bn_momentum(model, momentum):
+    """Sets the moving-average momentum of every batch-norm layer of `model` (read when traced)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
 
 
 def _backbone_positions(network_config):

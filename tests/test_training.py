@@ -32,6 +32,8 @@ def test_train_config_rejects_bad_values():
         training.TrainConfig(stage="stage3")
     with pytest.raises(ValueError, match="baseline stage trains the single-exit network"):
         training.TrainConfig(stage="baseline", exits=fixtures.EXITS)
+    with pytest.raises(ValueError, match=r"bn_momentum=1.0 must be in \[0, 1\)"):
+        training.TrainConfig(bn_momentum=1.0)
     assert training.TrainConfig.from_dict(json.loads(json.dumps(_config().to_dict()))) == _config()
 
 
@@ -130,6 +132,9 @@ def test_wrong_batches_and_missing_checkpoints_are_clear_errors(tmp_path):
 
 def test_baseline_trains_only_the_final_exit(tmp_path):
     records = []
-    result = training.train(fixtures.tiny_network_config(), _config(stage="baseline", exits=(), steps=2),
+    result = training.train(fixtures.tiny_network_config(),
+                            _config(stage="baseline", exits=(), steps=2, bn_momentum=0.9),
                             fixtures.synthetic_dataset(4), str(tmp_path), progress=records.append)
     assert result.network.exit_ids == [] and set(records[-1].losses) == {"total", "final"}
+    norms = [layer for layer in result.network.model.layers if "BatchNormalization" in type(layer).__name__]
+    assert norms and {layer.momentum for layer in norms} == {0.9}
