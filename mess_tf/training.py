@@ -460,7 +460,7 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
             last_checkpoint = save(step)
         evaluated = val_data is not None and config.eval_batches and (step % eval_every == 0 or step == config.steps)
         miou = run_eval() if evaluated else miou
-        if step % config.log_every == 0 or step == config.steps:
+        if evaluated or step % config.log_every == 0 or step == config.steps:  # every mIoU is reported
             elapsed = time.perf_counter() - window_start
             rate = window_steps * config.batch_size / max(elapsed, 1e-9)
             throughput.append(rate)

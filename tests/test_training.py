@@ -138,3 +138,12 @@ def test_baseline_trains_only_the_final_exit(tmp_path):
     assert result.network.exit_ids == [] and set(records[-1].losses) == {"total", "final"}
     norms = [layer for layer in result.network.model.layers if "BatchNormalization" in type(layer).__name__]
     assert norms and {layer.momentum for layer in norms} == {0.9}
+
+
+def test_every_evaluation_is_reported_even_between_log_steps(tmp_path):
+    records = []
+    training.train(fixtures.tiny_network_config(), _config(stage="baseline", exits=(), log_every=3, eval_every=2),
+                   fixtures.synthetic_dataset(4), str(tmp_path),
+                   val_data=fixtures.synthetic_dataset(4, repeat=False, seed=9), progress=records.append)
+    assert [r.step for r in records] == [2, 3]
+    assert records[0].miou is not None and 0 <= records[0].miou["final"] <= 1
