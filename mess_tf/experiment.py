@@ -31,7 +31,13 @@ from mess_tf.latency import table as table_lib
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """Sizes of one demo run. Steps are optimiser steps of batch `batch_size`."""
+    """Sizes of one demo run. Steps are optimiser steps of batch `batch_size`.
+
+    Stage 1 starts from the trained baseline (as MESS starts from a trained segmentation network), so
+    the MESS network has seen baseline_steps + stage1_steps + stage2_steps updates and the baseline
+    baseline_steps; the report says so. From-scratch MobileNets learn slowly: AdamW at a high rate and
+    a short batch-norm horizon are what made the demo learn within minutes on a CPU.
+    """
 
     data: str
     alpha: float
@@ -43,12 +49,15 @@ class Preset:
     exit_fractions: tuple
     exit_heads: tuple
     timing_runs: int
+    quantization_images: int  # representative images for int8 conversion (calibration split)
+    learning_rate: float = 5e-3  # AdamW peak rate
+    bn_momentum: float = 0.99
 
 
 PRESETS = {
-    "quick": Preset("quick", 0.35, 32, 150, 150, 100, 8, (0.25, 0.5, 0.75), ("fcn_w0_b0", "fcn_w32_b1"), 10),
-    "default": Preset("default", 0.5, 64, 1200, 1200, 600, 16, (0.15, 0.3, 0.5, 0.75),
-                      ("fcn_w0_b0", "fcn_w32_b1", "fcn_w64_b2_rd", "aspp_w64"), 30),
+    "quick": Preset("quick", 0.35, 32, 120, 60, 60, 8, (0.3, 0.6), ("fcn_w0_b0", "fcn_w32_b1"), 10, 4),
+    "default": Preset("default", 0.5, 64, 900, 400, 250, 16, (0.15, 0.3, 0.5, 0.75),
+                      ("fcn_w0_b0", "fcn_w32_b1", "fcn_w64_b2_rd"), 30, 16),
 }
 # Requirements the search serves: (name, objective, kwargs). The baseline's cost is filled in at run time.
 REQUIREMENTS = (("no_loss", "min_cost", {"max_drop_pp": 0.0}),
@@ -68,6 +77,13 @@ class Experiment:
         self.out, self.preset, self.seed = out_dir, PRESETS[preset], seed
         self.progress = progress or (lambda line: None)
         self.data_dir = os.path.join(out_dir, "data")
+        self._networks = {}
+
+    def load(self, stage):
+        """The trained MultiExitNetwork of <run>/<stage>, loaded once per Experiment."""
+        if stage not in self._networks:
+            self._networks[stage] = checkpoints.load_network(self.path(stage))[0]
+        return self._networks[stage]
 
     def path(self, *parts):
         return os.path.join(self.out, *parts)
@@ -99,7 +115,7 @@ class Experiment:
         size = demo.PRESETS[self.preset.data].image_size
         return network.NetworkConfig(backbones.BackboneConfig("mobilenet_v2", 16, self.preset.alpha),
                                      info.num_classes, (size, size),
-                                     heads.FinalHeadConfig(filters=self.preset.filters, separable=True))
+                                     heads.FinalHeadConfig("deeplabv3plus", self.preset.filters, separable=True))
 
     def step_data(self):
         demo.generate(self.data_dir, preset=self.preset.data, seed=self.seed)
@@ -107,10 +123,12 @@ class Experiment:
     def _train(self, stage, steps, init_from=None, **exits):
         """Trains one stage into <run>/<stage>, printing progress; resumes an interrupted run."""
         dataset, config = self.dataset(), self.network_config()
+        # No flips: a mirrored digit is a different shape. Mild scaling: digits are already of many sizes.
         data = pipeline.train_dataset(dataset.samples("train"), dataset.info, config.input_size,
-                                      self.preset.batch_size, seed=self.seed)
+                                      self.preset.batch_size, seed=self.seed, scale_range=(0.75, 1.25), flip=False)
         train_config = training.TrainConfig(stage=stage, steps=steps, batch_size=self.preset.batch_size,
-                                            learning_rate=0.02, warmup_steps=steps // 20, seed=self.seed,
+                                            optimizer="adamw", learning_rate=self.preset.learning_rate,
+                                            bn_momentum=self.preset.bn_momentum, warmup_steps=steps // 20, seed=self.seed,
                                             checkpoint_every=max(steps // 4, 1), log_every=max(steps // 10, 1),
                                             eval_batches=0, **exits)
 
@@ -129,7 +147,8 @@ class Experiment:
         self._train("baseline", self.preset.baseline_steps)
 
     def step_stage1(self):
-        self._train("stage1", self.preset.stage1_steps, positions=self.exit_positions())
+        self._train("stage1", self.preset.stage1_steps, init_from=self.path("baseline"),
+                    positions=self.exit_positions())
 
     def step_stage2(self):
         self._train("stage2", self.preset.stage2_steps, init_from=self.path("stage1"),
@@ -145,7 +164,7 @@ class Experiment:
         return [s.name for s in samples], images, labels
 
     def step_calibrate(self):
-        net, _ = checkpoints.load_network(self.path("stage2"))
+        net = self.load("stage2")
         names, images, labels = self._split_arrays("calibration")
         batches = ((images[i:i + 16], labels[i:i + 16]) for i in range(0, len(images), 16))
         cache = calibration.calibrate_network(net, checkpoints.resolve_checkpoint(self.path("stage2")), batches,
@@ -154,11 +173,11 @@ class Experiment:
         cache.save(self.path("calibration.npz"))
 
     def step_profile(self):
-        net, _ = checkpoints.load_network(self.path("stage2"))
+        net = self.load("stage2")
         _, images, _ = self._split_arrays("calibration")
         timing = host.HostTimingConfig(num_threads=1, warmup_runs=3, num_runs=self.preset.timing_runs)
         for precision in PRECISIONS:
-            models = export.convert_parts(net, precision, list(images[:32]))
+            models = export.convert_parts(net, precision, list(images[:self.preset.quantization_images]))
             key = table_lib.TableKey(host.host_device(), precision, 1, net.backbone.input_size)
             host.measure_parts({k: table_lib.PartModel(v) for k, v in models.items()},
                                self.path(f"latency_{precision}.json"), key,
@@ -188,47 +207,51 @@ class Experiment:
     # -- deployment and measurement --------------------------------------------------------------
 
     def deployments(self):
-        """Name -> (run folder, DeploymentConfig) of every model the report compares."""
-        out = {"baseline": (self.path("baseline"), DeploymentConfig("budgeted"))}
+        """Name -> (training stage, DeploymentConfig) of every model the report compares."""
+        out = {"baseline": ("baseline", DeploymentConfig("budgeted"))}
         for name, _, _ in REQUIREMENTS:
-            out[name] = (self.path("stage2"), DeploymentConfig.load(self.path("configs", f"{name}.json")))
+            out[name] = ("stage2", DeploymentConfig.load(self.path("configs", f"{name}.json")))
         return out
 
     def step_export(self):
         _, images, _ = self._split_arrays("calibration")
-        for name, (run_dir, config) in self.deployments().items():
-            net, _ = checkpoints.load_network(run_dir)
+        for name, (stage, config) in self.deployments().items():
+            net = self.load(stage)
             for precision in PRECISIONS:
                 path = self.path("models", f"{name}_{precision}.tflite")
-                export.export_staged_model(path, net, config, precision, list(images[:32]),
+                export.export_staged_model(path, net, config, precision, list(images[:self.preset.quantization_images]),
                                            class_names=self.dataset().info.class_names)
                 self.progress(f"  exported {path}")
 
     def step_evaluate(self):
+        """Runs every exported model on every test image. The models take turns image by image
+        (in a rotating order), so drift in the host's speed hits them all alike and the latency
+        ratios are side by side, not minutes apart."""
         names, images, labels = self._split_arrays("test")
         num_classes = self.dataset().info.num_classes
+        keys = [f"{name}_{precision}" for name in self.deployments() for precision in PRECISIONS]
+        models = {k: runtime.StagedModel.load(self.path("models", f"{k}.tflite"), num_threads=1) for k in keys}
+        matrices = {k: metrics.ConfusionMatrix(num_classes) for k in keys}
+        exits, times = {k: [] for k in keys}, {k: [] for k in keys}
+        for i, (image, label) in enumerate(zip(images, labels)):
+            for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+                result = models[k].run(image)
+                matrices[k].update(result.class_map, label)
+                exits[k].append(result.exit_id)
+                times[k].append(result.total_ms)
         results = {}
-        for name in self.deployments():
-            for precision in PRECISIONS:
-                model = runtime.StagedModel.load(self.path("models", f"{name}_{precision}.tflite"))
-                matrix, exits, times = metrics.ConfusionMatrix(num_classes), [], []
-                for image, label in zip(images, labels):
-                    result = model.run(image)
-                    matrix.update(result.class_map, label)
-                    exits.append(result.exit_id)
-                    times.append(result.total_ms)
-                ids, counts = np.unique(exits, return_counts=True)
-                results[f"{name}_{precision}"] = {
-                    "miou": matrix.miou(), "latency_ms": float(np.mean(times)),
-                    "exit_fractions": {i: float(c) / len(exits) for i, c in zip(ids, counts)}}
-                self.progress(f"  {name} {precision}: mIoU {matrix.miou():.4f}, {np.mean(times):.2f} ms/image")
+        for k in keys:
+            ids, counts = np.unique(exits[k], return_counts=True)
+            results[k] = {"miou": matrices[k].miou(), "latency_ms": float(np.mean(times[k])),
+                          "exit_fractions": {i: float(c) / len(exits[k]) for i, c in zip(ids, counts)}}
+            self.progress(f"  {k}: mIoU {results[k]['miou']:.4f}, {results[k]['latency_ms']:.2f} ms/image")
         results["oracle"] = self._oracle(images, labels)
         io_utils.write_json(self.path("evaluation.json"), results)
 
     def _oracle(self, images, labels):
         """Each test image leaves at the cheapest exit (by int8 latency of the truncated network)
         whose pixel accuracy is at least the final exit's: the bound any exit policy can reach."""
-        net, _ = checkpoints.load_network(self.path("stage2"))
+        net = self.load("stage2")
         costs = self.cost_table()
         exit_cost = {e: costs.backbone_to(net.position_of(e).name) + costs.head_cost(e) for e in net.exit_ids}
         exit_cost["final"] = costs.backbone_to(costs.positions[-1]) + costs.final_head
@@ -279,12 +302,15 @@ class Experiment:
         table = report.markdown_table(rows, report.HEADLINE_KEYS)
         summary = (f"# MESS demo ({self.preset.data} preset)\n\nTest split, host LiteRT, 1 thread. mIoU in %, "
                    f"MACs expected per image, latency mean ms per image.\n\n{table}\n\n"
-                   f"Calibration images: {cache.num_images}. Exits: {', '.join(cache.exit_ids)}.\n")
+                   f"Calibration images: {cache.num_images}. Exits: {', '.join(cache.exit_ids)}.\n\n"
+                   f"Training: baseline {self.preset.baseline_steps} steps; the MESS network starts from it, then "
+                   f"stage 1 {self.preset.stage1_steps} and stage 2 {self.preset.stage2_steps} steps "
+                   f"(batch {self.preset.batch_size}, from scratch, no pretrained weights).\n")
         with io_utils.atomic_open(self.path("report", "summary.md")) as f:
             f.write(summary)
 
     def _examples(self, count=4):
-        net, _ = checkpoints.load_network(self.path("stage2"))
+        net = self.load("stage2")
         names, images, labels = self._split_arrays("test")
         logits = net.model(images[:count], training=False)
         columns = list(net.exit_ids) + ["final"]
@@ -295,7 +321,7 @@ class Experiment:
 
 def _macs_table(experiment):
     """The MACs CostTable of the stage-2 network's parts."""
-    net, _ = checkpoints.load_network(experiment.path("stage2"))
+    net = experiment.load("stage2")
     pairs = [network.parse_exit_id(e) for e in net.exit_ids]
     costs = cost_model.network_costs(net.config, sorted({h for _, h in pairs}, key=lambda h: h.id),
                                      sorted({p for p, _ in pairs}), backbone=net.backbone)

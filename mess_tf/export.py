@@ -332,13 +332,13 @@ def _full_function(models, stages, policy_config, precision):
     image = models[0].input["image"]
     spec = {"image": tf.TensorSpec([1, *image.shape[1:]], tf.float32, name="image")}
 
-    def full(features):
-        outputs = {}
+    def full(image):
+        outputs, available = {}, dict(image)
         for model, stage in zip(models, stages):
-            result = model(features, training=False)
+            result = model({n: available[n] for n in stage.inputs}, training=False)
             for name, value in _exit_outputs(result, stage, policy_config, precision).items():
                 outputs[f"{stage.signature}_{name}"] = value
-            features = {n: result[n] for n in stage.features}
+            available.update({n: result[n] for n in stage.features})
         return outputs
 
     return tf.function(full, input_signature=[spec]).get_concrete_function()
@@ -351,12 +351,13 @@ def _stage_calibration(models, stages, images, input_size, signatures):
 
     def dataset():
         for image in batches:
-            feed = {"image": image}
+            available = {"image": image}
             for model, stage in zip(models, stages):
+                feed = {n: available[n] for n in stage.inputs}
                 if stage.signature in signatures:
                     yield stage.signature, feed
                 result = model(feed, training=False)
-                feed = {n: result[n].numpy() for n in stage.features}
+                available.update({n: result[n].numpy() for n in stage.features})
             if FULL_SIGNATURE in signatures:
                 yield FULL_SIGNATURE, {"image": image}
     return dataset
@@ -397,29 +398,35 @@ def build_model(net, config, precision, calibration_images=None, policy_config=N
 
 
 def check_int8_handoff(model_bytes, stages):
-    """Checks that every int8 feature map leaves stage k with the scale and zero point stage
-    k+1 reads it with, so the app can pass the int8 tensor on without requantising.
+    """Checks that every int8 feature map leaves the stage that computes it with the scale and
+    zero point each later stage reads it with, so the app passes the int8 tensor on without
+    requantising.
 
     Raises:
-      ValueError naming the stage, tensor and both quantisation parameters otherwise.
+      ValueError naming the stages, tensor and both quantisation parameters otherwise.
     """
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=model_bytes)
-    for previous, stage in zip(stages, stages[1:]):
-        outputs = interpreter.get_signature_runner(previous.signature).get_output_details()
-        inputs = interpreter.get_signature_runner(stage.signature).get_input_details()
+    producers = {}  # feature name -> (signature, quantisation) of the stage that computes it
+    for stage in stages:
+        runner = interpreter.get_signature_runner(stage.signature)
+        inputs = runner.get_input_details()
         for name in stage.inputs:
-            if name not in outputs or name not in inputs:
-                raise ValueError(f"int8 hand-off {previous.signature} -> {stage.signature}: feature map {name!r} "
-                                 f"is not an output of the first and an input of the second")
-            out_scale, out_zero = outputs[name]["quantization"]
+            if name == "image":
+                continue
+            if name not in producers or name not in inputs:
+                raise ValueError(f"int8 hand-off -> {stage.signature}: feature map {name!r} is not an output of "
+                                 f"an earlier stage and an input of this one")
+            source, (out_scale, out_zero) = producers[name]
             in_scale, in_zero = inputs[name]["quantization"]
             if out_zero != in_zero or not math.isclose(out_scale, in_scale, rel_tol=SCALE_RTOL):
                 raise ValueError(
-                    f"int8 hand-off {previous.signature} -> {stage.signature}: feature map {name!r} leaves with "
+                    f"int8 hand-off {source} -> {stage.signature}: feature map {name!r} leaves with "
                     f"(scale={out_scale}, zero_point={out_zero}) but is read with (scale={in_scale}, "
                     f"zero_point={in_zero}); the stages cannot pass int8 tensors on as they are")
+        outputs = runner.get_output_details()
+        producers.update({name: (stage.signature, outputs[name]["quantization"]) for name in stage.features})
 
 
 def staged_metadata(net, config, precision, stages, policy_config=None, class_names=None):

@@ -173,8 +173,12 @@ class MultiExitNetwork:
         Returns:
           list of keras Models. Stage 1 takes {"image"}; stage k takes tensors named after the
           layers that produced them in stage < k. Each returns {EXIT_LOGITS: logits,
-          EXIT_COARSE_LOGITS: the same exit's coarse_logits} plus those named tensors that later
-          stages need. Chained in order they reproduce `subset_model(ids)` exit by exit.
+          EXIT_COARSE_LOGITS: the same exit's coarse_logits} plus the named tensors it computes
+          that later stages need. A tensor goes from the stage that computes it straight to every
+          stage that reads it (e.g. V3+'s stride-4 features to the last stage), never through the
+          stages between: a pass-through would be a tensor no op touches, which int8 conversion
+          leaves unquantised. Chained in order, each stage fed from the outputs of all earlier
+          ones, they reproduce `subset_model(ids)` exit by exit.
         """
         self._check_ids(ids)
         positions = [self.position_of(e).index for e in ids]
@@ -203,12 +207,12 @@ class MultiExitNetwork:
             names = {p.name for c in consumers for p in graph.parents(by_name[c]) if p.name in sources}
             return sorted(names, key=rank.get)
 
-        carried = produced_for(later, mine | earlier)
+        carried = produced_for(later, mine)
         if k == 0:
             new_inputs = {"image": keras.Input(self.image.shape[1:], name="image")}
             feeds = [(self.image, new_inputs["image"])]
-        else:  # what this stage consumes, and what it passes through to later stages
-            needed = sorted(set(produced_for(mine, earlier)) | (set(carried) & earlier), key=rank.get)
+        else:  # what this stage consumes from earlier stages
+            needed = produced_for(mine, earlier)
             new_inputs = {_io_name(n): keras.Input(by_name[n].output.shape[1:], name=_io_name(n)) for n in needed}
             feeds = [(by_name[n].output, new_inputs[_io_name(n)]) for n in needed]
         targets = {EXIT_LOGITS: logits, EXIT_COARSE_LOGITS: coarse_logits, **{_io_name(n): by_name[n].output for n in carried}}

@@ -111,15 +111,15 @@ class StagedModel:
         """
         thresholds = self._thresholds(th_img)
         start = time.perf_counter()
-        feed, confidences, stage_ms = {"image": self._image(image)}, [], []
+        available, confidences, stage_ms = {"image": self._image(image)}, [], []
         for k, (stage, runner) in enumerate(zip(self.stages, self._runners)):
             stage_start = time.perf_counter()
-            outputs = runner(**feed)
+            outputs = runner(**{name: available[name] for name in stage.inputs})
             class_map = outputs[export.CLASS_MAP][0]
             if stage.is_early_exit:
                 detail = runner.get_output_details()[export.CONFIDENCE]
                 confidences.append(float(_dequantise(outputs[export.CONFIDENCE], detail).reshape(-1)[0]))
-            feed = {name: outputs[name] for name in stage.features}
+            available.update({name: outputs[name] for name in stage.features})  # kept for any later stage
             now = time.perf_counter()
             stage_ms.append((now - stage_start) * 1e3)
             yield ExitResult(class_map, k, stage.exit_id, list(confidences), list(stage_ms), (now - start) * 1e3)

@@ -157,5 +157,19 @@ def test_int8_stages_hand_off_int8_feature_maps_with_equal_scales(tiny_net):
     assert first["quantization"][1] == second["quantization"][1]
     np.testing.assert_allclose(first["quantization"][0], second["quantization"][0], rtol=export.SCALE_RTOL)
     # The check fails loudly on stages that do not chain.
-    with pytest.raises(ValueError, match="int8 hand-off stage_1 -> stage_3: feature map 'block_6_project_BN'"):
+    with pytest.raises(ValueError, match="int8 hand-off -> stage_3: feature map 'block_6_project_BN' is not an output"):
         export.check_int8_handoff(model_bytes, [stages[0], stages[2]])
+
+
+def test_int8_features_skip_the_stages_that_do_not_read_them():
+    # DeepLabV3+ reads the stride-4 features (block_2_add, computed in stage 1) only in the final
+    # stage. Passed through stage 2 they would be a tensor no op touches, which int8 conversion
+    # leaves unquantised (scale 0); they go from stage 1 to stage 3 directly instead.
+    tf.keras.utils.set_random_seed(0)
+    exits = ("block_4_add:fcn_w16_b0", "block_8_add:fcn_w16_b0")
+    net = network.MultiExitNetwork(tiny_config(kind="deeplabv3plus"), exits)
+    calibrate_batch_norm(net, images(8, seed=1))
+    model_bytes, stages = export.build_model(net, dynamic_config(net), "int8", calibration_images=images(4, seed=2))
+    assert "block_2_add" in stages[0].features and "block_2_add" in stages[2].inputs
+    assert "block_2_add" not in stages[1].inputs + stages[1].features
+    export.check_int8_handoff(model_bytes, stages)
