@@ -1,124 +1,101 @@
-"""Training ablation on the demo dataset: does two-stage MESS training beat the naive alternatives?
+"""Training ablation on the demo: does two-stage MESS training beat the naive alternatives?
 
-Every variant gets the same budget of optimiser steps (stage 1 + stage 2 split it in half):
-  * baseline: the single-exit network;
-  * two-stage: stage 1 (light exits, one per step) then stage 2 (frozen backbone, all exits);
-  * two-stage without distillation in stage 2;
-  * naive joint: the same exits trained end to end with the backbone.
-It reports validation mIoU of the final exit and of exits at ~25/50/75% of the backbone's MACs,
-and the training throughput of stage 2 with every candidate exit against stage 1.
+It builds on a `make demo` run (running its data and training steps first if they are missing),
+so every variant uses the demo's network, data and recipe, and the demo's own runs are reused:
+  * baseline: the single-exit network (the demo's);
+  * baseline, same budget: the baseline trained on for the MESS network's extra steps, so the
+    comparison with MESS's final exit is not a comparison of training budgets;
+  * stage 1 only: the demo's stage 1 (light exits, one per step, backbone trained);
+  * two-stage: the demo's stage 2 (frozen backbone, every candidate exit, distillation);
+  * two-stage, no distillation: stage 2 again without the distillation term;
+  * naive joint: the same exits trained end to end with the backbone, from the baseline, for
+    stage 1 + stage 2 steps.
+It reports validation mIoU of the final exit and of one head at each exit position, the optimiser
+steps each variant has seen (from scratch) and its training throughput.
 
-  python bench/training_ablation.py [--steps=200] [--work_dir=/tmp/mess_ablation]
+  python bench/training_ablation.py [--run_dir=runs/demo] [--preset=default]
 
-Writes bench/results/training_ablation.{md,json}.
+Writes bench/results/training_ablation.{md,json}; the extra runs go to RUN_DIR/ablation/.
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-from mess_tf import backbones, heads, io_utils, network, report, training  # noqa: E402
-from mess_tf.data import demo, pipeline, registry  # noqa: E402
-
-FRACTIONS = (0.25, 0.5, 0.75)
-COMPARED_HEAD = "fcn_w64_b1"
-CANDIDATE_HEADS = ("fcn_w32_b0", COMPARED_HEAD, "aspp_w64")
+from mess_tf import checkpoints, experiment, io_utils, report, training  # noqa: E402
+from mess_tf.data import pipeline  # noqa: E402
+from tools import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("steps", 200, "Optimiser steps per variant (stage 1 and stage 2 get half each).")
-flags.DEFINE_integer("batch_size", 8, "Batch size.")
-flags.DEFINE_integer("throughput_steps", 6, "Steps timed for the throughput comparison.")
-flags.DEFINE_list("throughput_heads", list(CANDIDATE_HEADS),
-                  "Heads at every position for the stage-2 throughput run ('all' = the default head space; "
-                  "~140 exits on MobileNetV2, too slow to build on a 2-core host).")
-flags.DEFINE_string("work_dir", "/tmp/mess_training_ablation", "Demo data and run directories.")
+flags.DEFINE_string("run_dir", "runs/demo", "The demo run to build on (its missing training steps are run).")
+flags.DEFINE_enum("preset", "default", sorted(experiment.PRESETS), "The demo preset of that run.")
 flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     "Where the markdown and JSON tables go.")
 
 
+def train_variants(exp):
+    """Trains the variants the demo does not have; returns name -> (run folder, steps from scratch)."""
+    p = exp.preset
+    extra = p.stage1_steps + p.stage2_steps
+    exits = dict(positions=exp.exit_positions(), heads=p.exit_heads)
+    exp.train("ablation/baseline_same_budget", "baseline", extra, init_from=exp.path("baseline"))
+    exp.train("ablation/stage2_no_distillation", "stage2", p.stage2_steps, init_from=exp.path("stage1"),
+              distillation=False, **exits)
+    exp.train("ablation/joint", "joint", extra, init_from=exp.path("baseline"), **exits)
+    return {"baseline": ("baseline", p.baseline_steps),
+            "baseline, same budget": ("ablation/baseline_same_budget", p.baseline_steps + extra),
+            "stage 1 only": ("stage1", p.baseline_steps + p.stage1_steps),
+            "two-stage": ("stage2", p.baseline_steps + extra),
+            "two-stage, no distillation": ("ablation/stage2_no_distillation", p.baseline_steps + extra),
+            "naive joint": ("ablation/joint", p.baseline_steps + extra)}
 
-def _network_config(num_classes, size):
-    return network.NetworkConfig(backbone=backbones.BackboneConfig("mobilenet_v2", output_stride=16, alpha=0.35),
-                                 num_classes=num_classes, input_size=(size, size),
-                                 final_head=heads.FinalHeadConfig("deeplabv3", filters=64, separable=True))
 
+def ablation(exp):
+    """Trains the missing variants and scores them all on the validation split.
 
-def _run(name, net_config, train_data, val_data, init_from=None, **config):
-    run_dir = os.path.join(FLAGS.work_dir, "runs", name)
-    config = training.TrainConfig(batch_size=FLAGS.batch_size, learning_rate=0.05, log_every=25,
-                                  checkpoint_every=10 ** 6, eval_batches=0, **config)
-    print(f"== {name}: {config.stage}, {config.steps} steps", flush=True)
-    result = training.train(net_config, config, train_data, run_dir, init_from=init_from)
-    miou = training.evaluate(result.network.model, val_data, net_config.num_classes)
-    print(f"   {result.metrics['images_per_s']:.1f} img/s, mIoU final {miou['final']:.4f}", flush=True)
-    return result, miou
+    Returns:
+      (rows: list of dicts, markdown: str)
+    """
+    variants = train_variants(exp)
+    dataset, config = exp.dataset(), exp.network_config()
+    val = pipeline.eval_dataset(dataset.samples("val"), dataset.info, config.input_size, exp.preset.batch_size,
+                                multiple_of=16)
+    positions, compared = exp.exit_positions(), exp.preset.exit_heads[-1]
+    rows = []
+    for name, (folder, steps) in variants.items():
+        net, _ = checkpoints.load_network(exp.path(folder))
+        miou = training.evaluate(net.model, val, dataset.info.num_classes)
+        metrics = io_utils.read_json(exp.path(folder, training.METRICS), "training metrics")
+        row = {"variant": name, "steps": steps, "images_per_s": metrics["images_per_s"], "final": miou["final"]}
+        for position in positions:  # stage 1 only has its light heads
+            row[f"exit@{position}"] = miou.get(f"{position}:{compared}", miou.get(f"{position}:{training.LIGHT_EXIT_HEAD}"))
+        rows.append(row)
+        exp.progress(f"  {name}: final {row['final']:.4f}")
+    columns = list(rows[0])
+    table = report.markdown_table(rows, columns, {c: ".4f" for c in columns[3:]} | {"images_per_s": ".1f"})
+    p = exp.preset
+    markdown = (f"## Training ablation (demo {p.data}: MobileNetV2 a={p.alpha} OS16 DeepLabV3+, batch {p.batch_size})\n\n"
+                f"Validation mIoU (fractions). Exits: head {compared} at each position (stage 1 only: its light "
+                f"head {training.LIGHT_EXIT_HEAD}). Steps: optimiser steps from scratch; every MESS variant starts "
+                f"from the {p.baseline_steps}-step baseline. images/s: median training throughput.\n\n{table}\n")
+    return rows, markdown
 
 
 def main(argv):
     del argv
-    data_dir = demo.generate(os.path.join(FLAGS.work_dir, "demo_quick"), "quick")
-    dataset = registry.get_dataset("demo", data_dir)
-    size = demo.PRESETS["quick"].image_size
-    net_config = _network_config(dataset.info.num_classes, size)
-    train_data = pipeline.train_dataset(dataset.samples("train"), dataset.info, (size, size), FLAGS.batch_size,
-                                        seed=0, multiple_of=16)
-    val_data = pipeline.eval_dataset(dataset.samples("val"), dataset.info, (size, size), FLAGS.batch_size,
-                                     multiple_of=16)
-    backbone = backbones.Backbone(net_config.backbone, net_config.input_size)
-    positions = training.positions_at_fractions(backbone, FRACTIONS)
-    total_macs = backbone.positions[-1].cumulative_macs
-    fractions = {p.name: p.cumulative_macs / total_macs for p in backbone.positions}
-    compared = [f"{p}:{COMPARED_HEAD}" for p in positions]
-    candidates = [f"{p}:{h}" for p in positions for h in CANDIDATE_HEADS]
-    half = FLAGS.steps // 2
-
-    results = {}
-    results["baseline"] = _run("baseline", net_config, train_data, val_data, stage="baseline", steps=FLAGS.steps)
-    stage1 = _run("stage1", net_config, train_data, val_data, stage="stage1", steps=half, positions=positions)
-    results["stage1 only"] = stage1
-    for name, distillation in (("two-stage", True), ("two-stage, no distillation", False)):
-        results[name] = _run(name, net_config, train_data, val_data, init_from=stage1[0].run_dir, stage="stage2",
-                             steps=FLAGS.steps - half, exits=candidates, distillation=distillation)
-    results["naive joint"] = _run("naive joint", net_config, train_data, val_data, stage="joint",
-                                  steps=FLAGS.steps, exits=candidates)
-
-    rows = []
-    for name, (result, miou) in results.items():
-        row = {"variant": name, "steps": half if name == "stage1 only" else FLAGS.steps, "final": miou["final"]}
-        for p, eid in zip(positions, compared):
-            row[f"exit@{fractions[p]:.0%}"] = miou.get(eid, miou.get(f"{p}:{training.LIGHT_EXIT_HEAD}"))
-        rows.append(row)
-
-    throughput = {}
-    for name, stage, exits, init_from in (
-            ("stage1", "stage1", [f"{p}:{training.LIGHT_EXIT_HEAD}" for p in positions], None),
-            ("stage2, every position", "stage2", (), stage1[0].run_dir)):
-        head_ids = () if FLAGS.throughput_heads == ["all"] or stage == "stage1" else FLAGS.throughput_heads
-        result = training.train(net_config, training.TrainConfig(
-            stage=stage, steps=FLAGS.throughput_steps, batch_size=FLAGS.batch_size, exits=exits, heads=head_ids,
-            log_every=FLAGS.throughput_steps // 2, checkpoint_every=10 ** 6, eval_batches=0),
-            train_data, os.path.join(FLAGS.work_dir, "runs", f"throughput {name}"),
-            init_from=init_from)
-        throughput[name] = {"exits": len(result.network.exit_ids), "images_per_s": result.metrics["images_per_s"]}
-        print(f"== throughput {name}: {throughput[name]}", flush=True)
-
-    columns = ["variant", "steps", "final"] + [k for k in rows[0] if k.startswith("exit@")]
-    table = report.markdown_table(rows, columns, {c: ".4f" for c in columns[2:]})
-    speed = "\n".join(f"| {k} | {v['exits']} | {v['images_per_s']:.1f} |" for k, v in throughput.items())
-    markdown = (f"# Training ablation (demo quick, MobileNetV2 a=0.35, {size}x{size}, batch {FLAGS.batch_size})\n\n"
-                f"Validation mIoU; compared exits use head {COMPARED_HEAD} (stage 1 only: its light head); "
-                f"\"stage1 only\" spends half the steps.\n\n{table}\n\n"
-                f"| training | early exits | images/s |\n|---|---|---|\n{speed}\n")
+    exp = experiment.Experiment(FLAGS.run_dir, FLAGS.preset, progress=lambda line: print(line, flush=True))
+    exp.run(until="stage2")
+    rows, markdown = ablation(exp)
     print(markdown)
     os.makedirs(FLAGS.results_dir, exist_ok=True)
     with io_utils.atomic_open(os.path.join(FLAGS.results_dir, "training_ablation.md")) as f:
         f.write(markdown)
     io_utils.write_json(os.path.join(FLAGS.results_dir, "training_ablation.json"),
-                        {"rows": rows, "throughput": throughput, "positions": positions,
-                         "macs_fraction": {p: fractions[p] for p in positions}, "compared_head": COMPARED_HEAD})
+                        {"rows": rows, "positions": exp.exit_positions(), "compared_head": exp.preset.exit_heads[-1],
+                         "preset": FLAGS.preset})
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -12,6 +12,7 @@ It is the contract between search.py (writes CONFIG.json), latency/ (composes it
 export.py (builds a staged .tflite from it) and runtime.py (runs it).
 """
 import dataclasses
+import json
 from typing import Optional
 
 from mess_tf import io_utils
@@ -87,6 +88,11 @@ class DeploymentConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    def fingerprint(self):
+        """JSON of everything but the provenance metadata: equal exactly for configurations that
+        deploy the same model (network, mode, exits and thresholds)."""
+        return json.dumps(dataclasses.replace(self, metadata=None).to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d):

@@ -52,10 +52,12 @@ class Preset:
     quantization_images: int  # representative images for int8 conversion (calibration split)
     learning_rate: float = 5e-3  # AdamW peak rate
     bn_momentum: float = 0.99
+    precise_bn_batches: int = 16  # batch-norm statistics averaged over this many batches after each stage
 
 
 PRESETS = {
-    "quick": Preset("quick", 0.35, 32, 120, 60, 60, 8, (0.3, 0.6), ("fcn_w0_b0", "fcn_w32_b1"), 10, 4),
+    "quick": Preset("quick", 0.35, 32, 60, 30, 30, 8, (0.3, 0.6), ("fcn_w0_b0", "fcn_w32_b1"), 5, 4,
+                    precise_bn_batches=4),
     "default": Preset("default", 0.5, 64, 900, 400, 250, 16, (0.15, 0.3, 0.5, 0.75),
                       ("fcn_w0_b0", "fcn_w32_b1", "fcn_w64_b2_rd"), 30, 16),
 }
@@ -64,6 +66,7 @@ REQUIREMENTS = (("no_loss", "min_cost", {"max_drop_pp": 0.0}),
                 ("drop_1pp", "min_cost", {"max_drop_pp": 1.0}),
                 ("baseline_cost", "max_miou", {}))
 PRECISIONS = ("int8", "float32")
+STEPS = ("data", "baseline", "stage1", "stage2", "calibrate", "profile", "search", "export", "evaluate", "report")
 TH_PIX_GRID = np.linspace(0.5, 0.95, 10)
 TH_IMG_GRID = np.linspace(0.5, 0.95, 10)
 
@@ -90,10 +93,12 @@ class Experiment:
 
     # -- orchestration ---------------------------------------------------------------------------
 
-    def run(self):
-        """Runs every step not done yet; returns the headline rows."""
-        for name in ("data", "baseline", "stage1", "stage2", "calibrate", "profile", "search", "export",
-                     "evaluate", "report"):
+    def run(self, until="report"):
+        """Runs every step not done yet, up to and including `until`; returns the headline rows
+        (None when stopping before the report)."""
+        if until not in STEPS:
+            raise ValueError(f"unknown step {until!r}; expected one of {', '.join(STEPS)}")
+        for name in STEPS[:STEPS.index(until) + 1]:
             marker = self.path("steps", name + ".done")
             if os.path.exists(marker):
                 self.progress(f"[{name}] done earlier, skipped")
@@ -103,7 +108,7 @@ class Experiment:
             getattr(self, "step_" + name)()
             io_utils.write_json(marker, {"seconds": time.time() - start})
             self.progress(f"[{name}] finished in {time.time() - start:.0f} s")
-        return io_utils.read_json(self.path("report", "headline.json"), "headline")
+        return io_utils.read_json(self.path("report", "headline.json"), "headline") if until == "report" else None
 
     # -- data and training -----------------------------------------------------------------------
 
@@ -120,8 +125,19 @@ class Experiment:
     def step_data(self):
         demo.generate(self.data_dir, preset=self.preset.data, seed=self.seed)
 
-    def _train(self, stage, steps, init_from=None, **exits):
-        """Trains one stage into <run>/<stage>, printing progress; resumes an interrupted run."""
+    def train(self, name, stage, steps, init_from=None, **options):
+        """Trains one stage with the demo's recipe into <run>/<name>, reporting progress; resumes
+        an interrupted run.
+
+        Args:
+          name: run folder under the experiment folder (e.g. "stage1", "ablation/joint").
+          stage: training.STAGES member. steps: optimiser steps of batch preset.batch_size.
+          init_from: optional run folder to start from.
+          **options: further TrainConfig fields (exits, positions, heads, distillation).
+
+        Returns:
+          training.TrainResult.
+        """
         dataset, config = self.dataset(), self.network_config()
         # No flips: a mirrored digit is a different shape. Mild scaling: digits are already of many sizes.
         data = pipeline.train_dataset(dataset.samples("train"), dataset.info, config.input_size,
@@ -130,13 +146,15 @@ class Experiment:
                                             optimizer="adamw", learning_rate=self.preset.learning_rate,
                                             bn_momentum=self.preset.bn_momentum, warmup_steps=steps // 20, seed=self.seed,
                                             checkpoint_every=max(steps // 4, 1), log_every=max(steps // 10, 1),
-                                            eval_batches=0, **exits)
+                                            eval_batches=0, precise_bn_batches=self.preset.precise_bn_batches,
+                                            **options)
 
         def report_progress(p):
-            self.progress(f"  {stage} step {p.step}/{p.steps} loss {p.losses['total']:.3f} "
+            self.progress(f"  {name} step {p.step}/{p.steps} loss {p.losses['total']:.3f} "
                           f"{p.images_per_s:.0f} img/s ETA {p.eta_s:.0f} s")
 
-        training.train(config, train_config, data, self.path(stage), init_from=init_from, progress=report_progress)
+        return training.train(config, train_config, data, self.path(name), init_from=init_from,
+                              progress=report_progress)
 
     def exit_positions(self):
         config = self.network_config()
@@ -144,15 +162,15 @@ class Experiment:
                                                self.preset.exit_fractions)
 
     def step_baseline(self):
-        self._train("baseline", self.preset.baseline_steps)
+        self.train("baseline", "baseline", self.preset.baseline_steps)
 
     def step_stage1(self):
-        self._train("stage1", self.preset.stage1_steps, init_from=self.path("baseline"),
-                    positions=self.exit_positions())
+        self.train("stage1", "stage1", self.preset.stage1_steps, init_from=self.path("baseline"),
+                   positions=self.exit_positions())
 
     def step_stage2(self):
-        self._train("stage2", self.preset.stage2_steps, init_from=self.path("stage1"),
-                    positions=self.exit_positions(), heads=self.preset.exit_heads)
+        self.train("stage2", "stage2", self.preset.stage2_steps, init_from=self.path("stage1"),
+                   positions=self.exit_positions(), heads=self.preset.exit_heads)
 
     # -- calibration, latency, search ------------------------------------------------------------
 
@@ -214,22 +232,36 @@ class Experiment:
         return out
 
     def step_export(self):
+        """Exports every deployment in both precisions; a deployment that equals an earlier one
+        (requirements often pick the same exits and thresholds) is copied, not converted again."""
         _, images, _ = self._split_arrays("calibration")
+        exported = {}  # (stage, deployment without provenance, precision) -> the model written for it
         for name, (stage, config) in self.deployments().items():
             net = self.load(stage)
             for precision in PRECISIONS:
                 path = self.path("models", f"{name}_{precision}.tflite")
+                same = exported.setdefault((stage, config.fingerprint(), precision), path)
+                if same != path:
+                    export.copy_staged_model(same, path, config)
+                    self.progress(f"  {path}: same model as {same}, copied")
+                    continue
                 export.export_staged_model(path, net, config, precision, list(images[:self.preset.quantization_images]),
                                            class_names=self.dataset().info.class_names)
                 self.progress(f"  exported {path}")
 
     def step_evaluate(self):
-        """Runs every exported model on every test image. The models take turns image by image
-        (in a rotating order), so drift in the host's speed hits them all alike and the latency
-        ratios are side by side, not minutes apart."""
+        """Runs every distinct exported model on every test image; a copied model (see step_export)
+        gets the results of the model it copies. The models take turns image by image (in a
+        rotating order), so drift in the host's speed hits them all alike and the latency ratios are
+        side by side, not minutes apart."""
         names, images, labels = self._split_arrays("test")
         num_classes = self.dataset().info.num_classes
-        keys = [f"{name}_{precision}" for name in self.deployments() for precision in PRECISIONS]
+        sharing = {}  # model bytes -> the keys whose .tflite holds them, in order
+        for k in (f"{name}_{precision}" for name in self.deployments() for precision in PRECISIONS):
+            with open(self.path("models", f"{k}.tflite"), "rb") as f:
+                sharing.setdefault(f.read(), []).append(k)
+        measured_as = {k: same[0] for same in sharing.values() for k in same}
+        keys = [same[0] for same in sharing.values()]
         models = {k: runtime.StagedModel.load(self.path("models", f"{k}.tflite"), num_threads=1) for k in keys}
         matrices = {k: metrics.ConfusionMatrix(num_classes) for k in keys}
         exits, times = {k: [] for k in keys}, {k: [] for k in keys}
@@ -240,11 +272,13 @@ class Experiment:
                 exits[k].append(result.exit_id)
                 times[k].append(result.total_ms)
         results = {}
-        for k in keys:
-            ids, counts = np.unique(exits[k], return_counts=True)
-            results[k] = {"miou": matrices[k].miou(), "latency_ms": float(np.mean(times[k])),
-                          "exit_fractions": {i: float(c) / len(exits[k]) for i, c in zip(ids, counts)}}
-            self.progress(f"  {k}: mIoU {results[k]['miou']:.4f}, {results[k]['latency_ms']:.2f} ms/image")
+        for k, source in measured_as.items():
+            ids, counts = np.unique(exits[source], return_counts=True)
+            results[k] = {"miou": matrices[source].miou(), "latency_ms": float(np.mean(times[source])),
+                          "exit_fractions": {i: float(c) / len(exits[source]) for i, c in zip(ids, counts)},
+                          "measured_as": source}
+            self.progress(f"  {k}: mIoU {results[k]['miou']:.4f}, {results[k]['latency_ms']:.2f} ms/image"
+                          + ("" if source == k else f" (the model of {source})"))
         results["oracle"] = self._oracle(images, labels)
         io_utils.write_json(self.path("evaluation.json"), results)
 
@@ -300,9 +334,12 @@ class Experiment:
             name: evaluation[f"{name}_int8"]["exit_fractions"] for name in self.deployments() if name != "baseline"})
         self._examples()
         table = report.markdown_table(rows, report.HEADLINE_KEYS)
+        shared = [f"{k} is the model of {v['measured_as']}" for k, v in evaluation.items()
+                  if k != "oracle" and k.endswith("_int8") and v["measured_as"] != k]
         summary = (f"# MESS demo ({self.preset.data} preset)\n\nTest split, host LiteRT, 1 thread. mIoU in %, "
                    f"MACs expected per image, latency mean ms per image.\n\n{table}\n\n"
-                   f"Calibration images: {cache.num_images}. Exits: {', '.join(cache.exit_ids)}.\n\n"
+                   + (f"Identical deployments are one model, measured once: {'; '.join(shared)}.\n\n" if shared else "")
+                   + f"Calibration images: {cache.num_images}. Exits: {', '.join(cache.exit_ids)}.\n\n"
                    f"Training: baseline {self.preset.baseline_steps} steps; the MESS network starts from it, then "
                    f"stage 1 {self.preset.stage1_steps} and stage 2 {self.preset.stage2_steps} steps "
                    f"(batch {self.preset.batch_size}, from scratch, no pretrained weights).\n")

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from mess_tf import graph, io_utils, network, policy
-from mess_tf.deployment import FINAL_EXIT
+from mess_tf.deployment import FINAL_EXIT, DeploymentConfig
 from mess_tf.keras_lib import keras
 from mess_tf.latency import table
 
@@ -478,4 +478,23 @@ def export_staged_model(path, net, config, precision, calibration_images=None, p
     io_utils.write_bytes(path, model_bytes)
     io_utils.write_json(metadata_path(path), metadata)
     logging.info("wrote %s (%d bytes, %d stages, %s)", path, len(model_bytes), len(stages), precision)
+    return metadata
+
+
+def copy_staged_model(source, path, config):
+    """Writes the staged model at `source` to `path` as the model of `config`, which must deploy
+    the same exits, thresholds and mode (only its provenance metadata may differ): converting it
+    again would give the same bytes at the cost of a conversion.
+
+    Returns:
+      the metadata dict written.
+    """
+    metadata = io_utils.read_json(metadata_path(source), "staged-model metadata")
+    old = DeploymentConfig.from_dict(metadata["deployment"])
+    if old.fingerprint() != config.fingerprint():
+        raise ValueError(f"{source} deploys {old.exit_ids} ({old.mode}), not the configuration given for {path}")
+    with open(source, "rb") as f:
+        io_utils.write_bytes(path, f.read())
+    metadata["deployment"] = config.to_dict()
+    io_utils.write_json(metadata_path(path), metadata)
     return metadata

@@ -72,6 +72,9 @@ class TrainConfig:
       log_every: steps per progress record.
       eval_every: steps between validation mIoU evaluations (0 = at checkpoints); eval_batches:
         validation batches per evaluation (0 = no evaluation).
+      precise_bn_batches: after the last step, replace the moving mean and variance of every
+        batch-norm layer the stage trains by their average over this many training batches
+        (precise_batch_norm; 0 = keep the moving averages).
     """
 
     stage: str = "baseline"
@@ -100,6 +103,7 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 0
     eval_batches: int = 8
+    precise_bn_batches: int = 0
 
     def __post_init__(self):
         for name in ("exits", "positions", "heads"):
@@ -113,6 +117,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.precise_bn_batches < 0:
+            raise ValueError(f"precise_bn_batches={self.precise_bn_batches} must be >= 0")
         if self.bn_momentum is not None and not 0 <= self.bn_momentum < 1:
             raise ValueError(f"bn_momentum={self.bn_momentum} must be in [0, 1)")
         if self.temperature <= 0:
@@ -478,16 +484,55 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
             last_losses = record.losses
             window, window_start, window_steps = collections.defaultdict(list), time.perf_counter(), 0
     writer.flush()
+    if config.precise_bn_batches:
+        if strategy.num_replicas_in_sync > 1:
+            raise ValueError("precise_bn_batches needs a single replica; set it to 0 under a multi-replica strategy")
+        precise_batch_norm(net, plans, (next(data) for _ in range(config.precise_bn_batches)))
+        last_checkpoint = save(config.steps)  # a rerun recomputes the same statistics from the same batches
     last_checkpoint = last_checkpoint or checkpoints.resolve_checkpoint(output_dir)
     metrics = {"stage": config.stage, "steps": config.steps, "resumed_from_step": start, "exits": net.exit_ids,
                "train_seconds": time.perf_counter() - started, "mixed_precision": mixed,
                # the first window includes tracing; leave it out when there are others
                "images_per_s": float(np.median(throughput[1:] or throughput)) if throughput else None,
-               "final_losses": last_losses, "miou": miou,
+               "final_losses": last_losses, "miou": miou, "precise_bn_batches": config.precise_bn_batches,
                "checkpoint": last_checkpoint}
     if is_chief:
         io_utils.write_json(os.path.join(output_dir, METRICS), metrics)
     return TrainResult(net, output_dir, last_checkpoint, metrics)
+
+
+def precise_batch_norm(net, plans, batches):
+    """Sets the moving mean and variance of every batch-norm layer that `plans` train to their
+    average over `batches` (Precise BN). Exponential moving averages lag behind weights that move
+    fast: after the demo's 250-step stage 2 its exits, with their own moving statistics, labelled
+    every pixel background (val mIoU 0.08); with statistics averaged over 128 images, 0.12 to 0.20.
+
+    Args:
+      net: the MultiExitNetwork being trained.
+      plans: its training plans (stage 2: the frozen pass, then the exit heads in training mode;
+        the frozen layers keep their statistics).
+      batches: iterable of (images [B, H, W, 3], labels [B, H, W]) training batches.
+    """
+    trained = {id(v) for plan in plans for v in plan.variables}
+    norms = [layer for layer in net.model.layers if isinstance(layer, keras.layers.BatchNormalization)
+             and any(id(w) in trained for w in layer.trainable_weights)]
+    momenta = [layer.momentum for layer in norms]
+    # One training-mode pass per batch in which each of those layers sees the batch once: the plan's
+    # own step, or for stage 1 (one plan per exit, all sharing the backbone) the whole network.
+    if len(plans) == 1:
+        def forward(images, labels):
+            plans[0].loss(plans[0].prepare(images), labels)
+    else:
+        def forward(images, labels):
+            net.model(images, training=True)
+    try:
+        for k, (images, labels) in enumerate(batches):
+            for layer in norms:  # running mean: new = old * k / (k + 1) + batch / (k + 1)
+                layer.momentum = k / (k + 1)
+            forward(images, labels)
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
 
 
 def _set_bn_momentum(model, momentum):

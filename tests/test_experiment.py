@@ -5,9 +5,9 @@ import os
 import pytest
 
 from mess_tf import experiment
+from mess_tf.deployment import DeploymentConfig
 
 ROW_NAMES = ["baseline", "no_loss", "drop_1pp", "baseline_cost", "oracle"]
-STEPS = ("data", "baseline", "stage1", "stage2", "calibrate", "profile", "search", "export", "evaluate", "report")
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +45,34 @@ def test_every_artifact_of_the_report_is_written(quick_run):
     assert "| baseline |" in summary and "the MESS network starts from it" in summary
 
 
+def test_deployments_that_agree_share_one_model_and_keep_their_own_metadata(quick_run):
+    out, _, _ = quick_run
+    configs = {name: DeploymentConfig.load(os.path.join(out, "configs", f"{name}.json")) for name in ROW_NAMES[1:4]}
+    with open(os.path.join(out, "evaluation.json")) as f:
+        evaluation = json.load(f)
+    for precision in experiment.PRECISIONS:
+        for a in configs:
+            with open(os.path.join(out, "models", f"{a}_{precision}.tflite.json")) as f:
+                assert DeploymentConfig.from_dict(json.load(f)["deployment"]) == configs[a]  # its own provenance
+            for b in configs:
+                path_a, path_b = (os.path.join(out, "models", f"{n}_{precision}.tflite") for n in (a, b))
+                same = configs[a].fingerprint() == configs[b].fingerprint()
+                with open(path_a, "rb") as fa, open(path_b, "rb") as fb:
+                    assert (fa.read() == fb.read()) == same, (a, b, precision)
+                ka, kb = f"{a}_{precision}", f"{b}_{precision}"
+                assert (evaluation[ka]["measured_as"] == evaluation[kb]["measured_as"]) == same  # measured once
+
+
 def test_a_rerun_skips_every_finished_step(quick_run):
     out, rows, _ = quick_run
     lines = []
     again = experiment.Experiment(out, "quick", seed=0, progress=lines.append).run()
     assert again == rows
-    assert lines == [f"[{name}] done earlier, skipped" for name in STEPS]
+    assert lines == [f"[{name}] done earlier, skipped" for name in experiment.STEPS]
 
 
-def test_unknown_preset_is_a_clear_error(tmp_path):
+def test_unknown_preset_and_step_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         experiment.Experiment(str(tmp_path), "huge")
+    with pytest.raises(ValueError, match="unknown step 'stage3'"):
+        experiment.Experiment(str(tmp_path), "quick").run(until="stage3")

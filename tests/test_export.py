@@ -1,4 +1,5 @@
 """TFLite conversion: parts and complete networks of every backbone, staged models, int8 hand-off."""
+import dataclasses
 import json
 import os
 
@@ -136,6 +137,15 @@ def test_staged_model_signatures_metadata_and_weights_stored_once(tiny_net, tmp_
     # Staging stores the weights once: the staged file is within 5% of the unstaged one.
     unstaged, _ = export.build_model(tiny_net, config, "float32", staged=False)
     assert abs(path.stat().st_size / len(unstaged) - 1) < 0.05
+
+    # A configuration that differs only in provenance is copied; any other one is refused.
+    relabelled = dataclasses.replace(config, metadata={"requirement": "other"})
+    copied = export.copy_staged_model(path, tmp_path / "copy.tflite", relabelled)
+    assert (tmp_path / "copy.tflite").read_bytes() == path.read_bytes()
+    assert copied["deployment"]["metadata"] == {"requirement": "other"} and copied["stages"] == metadata["stages"]
+    with pytest.raises(ValueError, match="model.tflite deploys"):
+        export.copy_staged_model(path, tmp_path / "wrong.tflite", dynamic_config(tiny_net, th_img=0.9))
+    assert not (tmp_path / "wrong.tflite").exists()
 
 
 def test_budgeted_model_is_truncated_after_its_exit(tiny_net):

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from mess_tf import checkpoints, network, optimizers, training
+from mess_tf.keras_lib import keras
 import _train_worker as fixtures
 
 STAGE2_EXITS = ("block_2_add:fcn_w8_b0", "block_2_add:fcn_w8_b1", "block_5_add:aspp_w8")
@@ -34,6 +35,8 @@ def test_train_config_rejects_bad_values():
         training.TrainConfig(stage="baseline", exits=fixtures.EXITS)
     with pytest.raises(ValueError, match=r"bn_momentum=1.0 must be in \[0, 1\)"):
         training.TrainConfig(bn_momentum=1.0)
+    with pytest.raises(ValueError, match="precise_bn_batches=-1 must be >= 0"):
+        training.TrainConfig(precise_bn_batches=-1)
     assert training.TrainConfig.from_dict(json.loads(json.dumps(_config().to_dict()))) == _config()
 
 
@@ -80,7 +83,8 @@ def test_stage2_freezes_backbone_and_final_head_weights_and_batch_norm_statistic
     stage1, _ = stage1_run
     before = {w.name: w.numpy() for w in stage1.network.model.weights}
     records = []
-    result = training.train(fixtures.tiny_network_config(), _config(stage="stage2", exits=STAGE2_EXITS, steps=2),
+    result = training.train(fixtures.tiny_network_config(),
+                            _config(stage="stage2", exits=STAGE2_EXITS, steps=2, precise_bn_batches=2),
                             fixtures.synthetic_dataset(4, seed=5), str(tmp_path), init_from=stage1.run_dir,
                             progress=records.append)
     assert set(records[-1].losses) == {"total", *STAGE2_EXITS}  # every candidate exit trains at once
@@ -138,6 +142,26 @@ def test_baseline_trains_only_the_final_exit(tmp_path):
     assert result.network.exit_ids == [] and set(records[-1].losses) == {"total", "final"}
     norms = [layer for layer in result.network.model.layers if "BatchNormalization" in type(layer).__name__]
     assert norms and {layer.momentum for layer in norms} == {0.9}
+
+
+def test_precise_batch_norm_statistics_are_the_average_over_the_batches(tmp_path):
+    # Every batch is the same one, so each layer's averaged statistics are that batch's: the moving
+    # mean must equal the mean of the layer's input on it, whatever the moving averages were.
+    batch = next(iter(fixtures.synthetic_dataset(4, seed=3)))
+    result = training.train(fixtures.tiny_network_config(),
+                            _config(stage="baseline", exits=(), steps=2, bn_momentum=0.9, precise_bn_batches=3),
+                            tf.data.Dataset.from_tensors(batch).repeat(), str(tmp_path))
+    model = result.network.model
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    inputs = keras.Model(model.input, [layer.input for layer in norms])(batch[0], training=True)
+    for layer, x in zip(norms, inputs):
+        np.testing.assert_allclose(layer.moving_mean.numpy(), tf.reduce_mean(x, [0, 1, 2]).numpy(), atol=1e-4,
+                                   err_msg=layer.name)
+        assert layer.momentum == 0.9  # restored after the averaging
+    restored, _ = checkpoints.load_network(str(tmp_path))  # the checkpoint holds the averaged statistics
+    np.testing.assert_array_equal(restored.model.get_layer(norms[-1].name).moving_mean.numpy(),
+                                  norms[-1].moving_mean.numpy())
+    assert result.metrics["precise_bn_batches"] == 3
 
 
 def test_every_evaluation_is_reported_even_between_log_steps(tmp_path):

@@ -45,6 +45,8 @@ flags.DEFINE_integer("warmup_steps", 0, "Linear learning-rate warm-up steps.")
 flags.DEFINE_float("clip_norm", 0.0, "Gradient global-norm clipping (0 = off).")
 flags.DEFINE_float("bn_momentum", None, "Batch-norm moving-average momentum (default: the backbone's own, "
                    "0.999 for MobileNets; use 0.99 or less for short runs from scratch).")
+flags.DEFINE_integer("precise_bn_batches", 0, "After the last step, set batch-norm statistics to their average "
+                     "over this many training batches (moving averages lag in short runs; one replica only).")
 flags.DEFINE_bool("mixed_precision", False, "float16 compute (GPU only).")
 flags.DEFINE_integer("seed", 0, "Seed (weights, data order, augmentation, stage-1 schedule).")
 flags.DEFINE_list("exits", [], "Exit ids position:head_id (default: positions x heads).")
@@ -103,7 +105,7 @@ def train_config(defaults):
         stage=FLAGS.stage, steps=_or(FLAGS.steps, defaults.steps), batch_size=_or(FLAGS.batch_size, defaults.batch_size),
         optimizer=FLAGS.optimizer, learning_rate=learning_rate, momentum=FLAGS.momentum,
         weight_decay=FLAGS.weight_decay, warmup_steps=FLAGS.warmup_steps, clip_norm=FLAGS.clip_norm,
-        bn_momentum=FLAGS.bn_momentum,
+        bn_momentum=FLAGS.bn_momentum, precise_bn_batches=FLAGS.precise_bn_batches,
         mixed_precision=FLAGS.mixed_precision, seed=FLAGS.seed, exits=FLAGS.exits, positions=FLAGS.positions,
         heads=FLAGS.heads, schedule=FLAGS.schedule, final_weight=FLAGS.final_weight, exit_weight=FLAGS.exit_weight,
         distillation=FLAGS.distillation, temperature=FLAGS.temperature,
