@@ -300,7 +300,8 @@ class Experiment:
             chosen = next(k for k in order if accuracy[k] >= accuracy["final"])
             matrix.update(preds[chosen], labels[i])
             spent.append(exit_cost[chosen])
-        return {"miou": matrix.miou(), "latency_ms_int8_composed": float(np.mean(spent))}
+        return {"miou": matrix.miou(), "latency_ms_int8_composed": float(np.mean(spent)),
+                "final_ms_int8_composed": float(exit_cost["final"])}
 
     # -- report ------------------------------------------------------------------------------------
 
@@ -322,7 +323,8 @@ class Experiment:
         oracle = evaluation["oracle"]
         rows.append({"name": "oracle", "miou_test": round(100 * oracle["miou"], 2), "macs": None,
                      "latency_ms_int8": round(oracle["latency_ms_int8_composed"], 3), "latency_ms_float": None,
-                     "ratio_vs_baseline_int8": round(base[0]["latency_ms"] / oracle["latency_ms_int8_composed"], 2),
+                     # both sides composed from the same latency table: the final exit costs what the baseline does
+                     "ratio_vs_baseline_int8": round(oracle["final_ms_int8_composed"] / oracle["latency_ms_int8_composed"], 2),
                      "ratio_vs_baseline_float": None})
         io_utils.write_json(self.path("report", "headline.json"), rows)
         pareto = io_utils.read_json(self.path("search", "pareto.json"), "pareto front")
@@ -337,7 +339,8 @@ class Experiment:
         shared = [f"{k} is the model of {v['measured_as']}" for k, v in evaluation.items()
                   if k != "oracle" and k.endswith("_int8") and v["measured_as"] != k]
         summary = (f"# MESS demo ({self.preset.data} preset)\n\nTest split, host LiteRT, 1 thread. mIoU in %, "
-                   f"MACs expected per image, latency mean ms per image.\n\n{table}\n\n"
+                   f"MACs expected per image, latency mean ms per image. The oracle's latency is composed from "
+                   f"the int8 latency table, and so is the final-exit cost its ratio is taken against.\n\n{table}\n\n"
                    + (f"Identical deployments are one model, measured once: {'; '.join(shared)}.\n\n" if shared else "")
                    + f"Calibration images: {cache.num_images}. Exits: {', '.join(cache.exit_ids)}.\n\n"
                    f"Training: baseline {self.preset.baseline_steps} steps; the MESS network starts from it, then "

@@ -444,6 +444,10 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
         if is_chief:
             checkpoints.write_run_config(output_dir, run_config)
     start = int(optimizer.iterations.numpy())
+    metrics_path = os.path.join(output_dir, METRICS)
+    if start >= config.steps and os.path.exists(metrics_path):  # finished earlier (metrics.json is written last)
+        return TrainResult(net, output_dir, checkpoints.resolve_checkpoint(output_dir),
+                           io_utils.read_json(metrics_path, "training metrics"))
     steps = [_train_step(strategy, optimizer, plan, config.clip_norm, mixed) for plan in plans]
     save = _checkpoint_writer(checkpoint, output_dir, config.keep_checkpoints, strategy, is_chief)
     writer = tf.summary.create_file_writer(os.path.join(output_dir, "logs")) if is_chief \
@@ -497,7 +501,7 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
                "final_losses": last_losses, "miou": miou, "precise_bn_batches": config.precise_bn_batches,
                "checkpoint": last_checkpoint}
     if is_chief:
-        io_utils.write_json(os.path.join(output_dir, METRICS), metrics)
+        io_utils.write_json(metrics_path, metrics)
     return TrainResult(net, output_dir, last_checkpoint, metrics)
 
 

@@ -98,6 +98,15 @@ def test_stage2_freezes_backbone_and_final_head_weights_and_batch_norm_statistic
     assert checkpoints.read_run_config(str(tmp_path))["init_from"] == stage1.checkpoint
 
 
+def test_training_a_finished_run_again_changes_nothing(stage1_run):
+    stage1, _ = stage1_run
+    metrics = os.path.join(stage1.run_dir, training.METRICS)
+    before = os.path.getmtime(metrics)
+    again = training.train(fixtures.tiny_network_config(), _config(), fixtures.synthetic_dataset(4), stage1.run_dir)
+    assert again.metrics == stage1.metrics and again.checkpoint == stage1.checkpoint
+    assert os.path.getmtime(metrics) == before
+
+
 def test_load_network_restores_a_trained_run(stage1_run):
     stage1, _ = stage1_run
     net, run_config = checkpoints.load_network(stage1.checkpoint)
