@@ -231,23 +231,33 @@ class Experiment:
             out[name] = ("stage2", DeploymentConfig.load(self.path("configs", f"{name}.json")))
         return out
 
-    def step_export(self):
-        """Exports every deployment in both precisions; a deployment that equals an earlier one
-        (requirements often pick the same exits and thresholds) is copied, not converted again."""
-        _, images, _ = self._split_arrays("calibration")
-        exported = {}  # (stage, deployment without provenance, precision) -> the model written for it
+    def models(self):
+        """[(model key `<deployment>_<precision>`, training stage, DeploymentConfig, precision, key of
+        the first model that is the same)]: deployments that agree on the training stage and on
+        everything but provenance (requirements often pick the same exits and thresholds) are one
+        model."""
+        first, out = {}, []
         for name, (stage, config) in self.deployments().items():
-            net = self.load(stage)
             for precision in PRECISIONS:
-                path = self.path("models", f"{name}_{precision}.tflite")
-                same = exported.setdefault((stage, config.fingerprint(), precision), path)
-                if same != path:
-                    export.copy_staged_model(same, path, config)
-                    self.progress(f"  {path}: same model as {same}, copied")
-                    continue
-                export.export_staged_model(path, net, config, precision, list(images[:self.preset.quantization_images]),
-                                           class_names=self.dataset().info.class_names)
-                self.progress(f"  exported {path}")
+                key = f"{name}_{precision}"
+                same = first.setdefault((stage, config.fingerprint(), precision), key)
+                out.append((key, stage, config, precision, same))
+        return out
+
+    def step_export(self):
+        """Exports every distinct model in both precisions; a model equal to an earlier one is
+        copied, not converted again."""
+        _, images, _ = self._split_arrays("calibration")
+        for key, stage, config, precision, same in self.models():
+            path = self.path("models", f"{key}.tflite")
+            if same != key:
+                export.copy_staged_model(self.path("models", f"{same}.tflite"), path, config)
+                self.progress(f"  {path}: same model as {same}, copied")
+                continue
+            export.export_staged_model(path, self.load(stage), config, precision,
+                                       list(images[:self.preset.quantization_images]),
+                                       class_names=self.dataset().info.class_names)
+            self.progress(f"  exported {path}")
 
     def step_evaluate(self):
         """Runs every distinct exported model on every test image; a copied model (see step_export)
@@ -256,12 +266,8 @@ class Experiment:
         side by side, not minutes apart."""
         names, images, labels = self._split_arrays("test")
         num_classes = self.dataset().info.num_classes
-        sharing = {}  # model bytes -> the keys whose .tflite holds them, in order
-        for k in (f"{name}_{precision}" for name in self.deployments() for precision in PRECISIONS):
-            with open(self.path("models", f"{k}.tflite"), "rb") as f:
-                sharing.setdefault(f.read(), []).append(k)
-        measured_as = {k: same[0] for same in sharing.values() for k in same}
-        keys = [same[0] for same in sharing.values()]
+        measured_as = {key: same for key, *_, same in self.models()}
+        keys = [key for key, same in measured_as.items() if same == key]
         models = {k: runtime.StagedModel.load(self.path("models", f"{k}.tflite"), num_threads=1) for k in keys}
         matrices = {k: metrics.ConfusionMatrix(num_classes) for k in keys}
         exits, times = {k: [] for k in keys}, {k: [] for k in keys}

@@ -411,6 +411,8 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
     if config.batch_size % strategy.num_replicas_in_sync:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
                          f"{strategy.num_replicas_in_sync} replicas")
+    if config.precise_bn_batches and strategy.num_replicas_in_sync > 1:
+        raise ValueError("precise_bn_batches needs a single replica; set it to 0 under a multi-replica strategy")
     _check_batches(train_data, network_config, "train_data")
     mixed = config.mixed_precision and bool(tf.config.list_physical_devices("GPU"))
     if config.mixed_precision and not mixed:
@@ -489,8 +491,6 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
             window, window_start, window_steps = collections.defaultdict(list), time.perf_counter(), 0
     writer.flush()
     if config.precise_bn_batches:
-        if strategy.num_replicas_in_sync > 1:
-            raise ValueError("precise_bn_batches needs a single replica; set it to 0 under a multi-replica strategy")
         precise_batch_norm(net, plans, (next(data) for _ in range(config.precise_bn_batches)))
         last_checkpoint = save(config.steps)  # a rerun recomputes the same statistics from the same batches
     last_checkpoint = last_checkpoint or checkpoints.resolve_checkpoint(output_dir)
