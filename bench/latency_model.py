@@ -5,27 +5,28 @@ The network: a MobileNetV2 DeepLabV3 (random weights: latency does not depend on
 early exits `fcn_w32_b1` at the candidate positions nearest 25/50/75% of the backbone's MACs.
 int8 models are full-integer, calibrated on random images.
 
-  1. composition (int8): a LatencyTable of every part (export.convert_parts +
-     host.measure_parts) composes each configuration's latency (CostTable.worst); the staged
-     model of the configuration, every stage run (host.measure_end_to_end), is the measured
-     side. Configurations: budgeted (truncated) at each exit; dynamic with the first 1, 2, 3
-     exits, run to the final exit (the worst case). The table holds no cost for the in-graph
-     exit policy, so the same table is also checked against static models of the same layers
-     without it (see 3).
+  1. composition (int8): a LatencyTable of every part (export.convert_parts) composes each
+     configuration's latency (CostTable.worst); the staged model of the configuration, every
+     stage run, is the measured side. Parts and staged models are timed in one alternation. Configurations: budgeted (truncated) at each exit; dynamic with the first 1, 2, 3
+     exits, run to the final exit (the worst case: the exits passed compute their confidence
+     but no class map; the table's head parts end at the confidence, its class-map parts are
+     charged only where an image leaves).
   2. staging: the staged model of the 3-exit dynamic configuration (one signature per stage,
-     every stage chained) vs its unstaged model (one signature running them all): size and
-     latency, float32 and int8.
+     every stage chained, every exit's class-map signature run) vs its unstaged model (one
+     signature running them all, every class map): size and latency, float32 and int8.
   3. dynamic control (int8): the staged model run by mess_tf.runtime, forced to leave at exit k
      (in-graph confidence, thresholds checked in Python, feature maps handed between
-     signatures) vs a static single-signature model of the same layers (backbone to exit k and
-     the heads of exits 1..k, class maps only, no confidence); with the default edge-aware
-     policy and with top-1 confidence only (no edge smoothing).
+     signatures, exit k's class map from its own signature) vs a static single-signature model
+     of the same layers (backbone to exit k, the heads of exits 1..k-1 to their coarse logits,
+     exit k's class map; no confidence); with the default edge-aware policy and with top-1
+     confidence only (no edge smoothing).
   4. float32 vs int8 latency of each backbone's single-exit DeepLab network.
 
-Models compared with each other are timed in alternation (A, B, A, B, ...) so that load from
-other processes hits them alike; the figures quoted are ratios of medians.
+Models compared with each other are timed in alternation (a block of A, a block of B, a block of
+A, ...: `alternate`), so that load from other processes hits them alike; the figures quoted are
+ratios of medians.
 
-    python bench/latency_model.py [--alpha=0.5 --input_size=160 --rounds=60 --threads=1]
+    python bench/latency_model.py [--alpha=0.5 --input_size=160 --rounds=30 --threads=1]
 
 Prints markdown tables, writes bench/results/latency_model.json, and prints, last, a JSON line
 with `median_composition_error` (vs the staged models), `staging_size_overhead`,
@@ -56,6 +57,10 @@ EXIT_DEPTHS = (0.25, 0.5, 0.75)  # fractions of the backbone's MACs
 NUM_CLASSES = 21
 CALIBRATION_IMAGES = 4
 WARMUP_ROUNDS = 5
+# Timed calls in a row per model and round. Each model's first call in a round finds its
+# weights evicted by the models timed before it; such cold calls made the sum of 24 part models
+# 25-30% slower than the staged models built from the same layers.
+BLOCK = 4
 # The deployed precision: composition, control and the headline staging overhead use it.
 DEPLOYED = "int8"
 PRECISIONS = ("float32", "int8")
@@ -65,7 +70,9 @@ PRECISIONS = ("float32", "int8")
 
 
 def alternate(calls, rounds):
-    """Times callables in alternation: each round calls every one once, in turn.
+    """Times callables in alternation: each round runs every one in turn, a block of BLOCK timed
+    calls after one untimed call, so that each is timed with its weights and buffers in cache,
+    as in an app segmenting frame after frame, while load from other processes hits all alike.
 
     Args:
       calls: dict name -> callable taking no arguments.
@@ -77,10 +84,12 @@ def alternate(calls, rounds):
     times = {name: [] for name in calls}
     for r in range(WARMUP_ROUNDS + rounds):
         for name, call in calls.items():
-            start = time.perf_counter()
             call()
-            if r >= WARMUP_ROUNDS:
-                times[name].append((time.perf_counter() - start) * 1e3)
+            for _ in range(BLOCK):
+                start = time.perf_counter()
+                call()
+                if r >= WARMUP_ROUNDS:
+                    times[name].append((time.perf_counter() - start) * 1e3)
     return {name: table_lib.Timing.from_samples(t) for name, t in times.items()}
 
 
@@ -90,17 +99,26 @@ def interpreter(model, threads):
     return Interpreter(model_content=model, num_threads=threads)
 
 
-def chained(model, signatures, threads):
-    """A callable running `signatures` of one model in order on one image, each fed the feature
-    maps the previous one returned (what the app does for the anytime path)."""
-    runners = [interpreter(model, threads).get_signature_runner(s) for s in signatures]
-    image = host.random_inputs(runners[0].get_input_details())
+def chained(model, stages, threads):
+    """A callable running every stage of one model in order on one image, each fed the feature
+    maps earlier ones returned, and every early exit's class-map signature (what the app does
+    for the anytime path). `stages`: export.Stage list; None: the model's one signature."""
+    loaded = interpreter(model, threads)
+    if stages is None:
+        runner = loaded.get_signature_runner()
+        image = host.random_inputs(runner.get_input_details())
+        return lambda: runner(**image)
+    runners = [(s, loaded.get_signature_runner(s.signature),
+                s.class_map_signature and loaded.get_signature_runner(s.class_map_signature)) for s in stages]
+    image = host.random_inputs(runners[0][1].get_input_details())
 
     def run():
-        feed = image
-        for runner in runners:
-            outputs = runner(**feed)
-            feed = {n: v for n, v in outputs.items() if n not in (export.CLASS_MAP, export.CONFIDENCE)}
+        available = dict(image)
+        for stage, runner, class_map in runners:
+            outputs = runner(**{n: available[n] for n in stage.inputs})
+            if class_map:
+                class_map(**{export.COARSE_LOGITS: outputs[export.COARSE_LOGITS]})
+            available.update({n: outputs[n] for n in stage.features})
     return run
 
 
@@ -133,28 +151,45 @@ def random_images(count, size, seed=0):
 # -- 1. composition ----------------------------------------------------------------------------
 
 
-def latency_table(net, precision, folder, calibration, timing):
-    """The LatencyTable of every part of `net`, measured on this host."""
-    parts = {k: table_lib.PartModel(v) for k, v in export.convert_parts(net, precision, calibration).items()}
-    key = table_lib.TableKey(host.host_device(), precision, timing.num_threads, net.config.input_size)
-    positions = [p.name for p in net.backbone.positions]
-    return host.measure_parts(parts, os.path.join(folder, f"table_{precision}.json"), key, positions, timing,
-                              notes="bench/latency_model.py, random weights")
+def one_call(model, signatures, threads, seed=0):
+    """A callable running `signatures` of one model in order, each on its own fixed random inputs
+    (as host.measure_end_to_end times them; latency does not depend on the values)."""
+    loaded = interpreter(model, threads)
+    calls = []
+    for i, key in enumerate(signatures):
+        runner = loaded.get_signature_runner(key)
+        calls.append((runner, host.random_inputs(runner.get_input_details(), seed + i)))
+
+    def run():
+        for runner, inputs in calls:
+            runner(**inputs)
+    return run
 
 
-def staged_models(net, configs, precision, folder, calibration, timing):
-    """Exports the staged model of each configuration and times it with every stage run.
+def composition(net, configs, precision, folder, calibration, threads, rounds):
+    """Times every part of `net` and the staged model of each configuration (every stage run, no
+    early class map: the worst case) in one alternation, so that both sides of the comparison
+    see the same load; the parts' timings make a LatencyTable that composes the configurations.
 
     Returns:
-      (dict name -> staged model path, list of (name, config, Timing) for host.composition_errors).
+      (LatencyTable, dict name -> staged model path, list of (name, config, Timing) for
+      host.composition_errors).
     """
-    paths, measured = {}, []
+    parts = export.convert_parts(net, precision, calibration)
+    calls = {key: one_call(model, [export.DEFAULT_SIGNATURE], threads) for key, model in parts.items()}
+    paths, stages = {}, {}
     for name, config in configs.items():
         paths[name] = os.path.join(folder, f"{name.replace(' ', '_').replace('@', '_')}_{precision}.tflite")
         metadata = export.export_staged_model(paths[name], net, config, precision, calibration)
-        signatures = [s["signature"] for s in metadata["stages"]]
-        measured.append((name, config, host.measure_end_to_end(paths[name], signatures, timing)))
-    return paths, measured
+        with open(paths[name], "rb") as f:
+            calls[name] = one_call(f.read(), [s["signature"] for s in metadata["stages"]], threads)
+    timings = alternate(calls, rounds)
+    table = table_lib.LatencyTable(table_lib.TableKey(host.host_device(), precision, threads, net.config.input_size),
+                                   [p.name for p in net.backbone.positions],
+                                   metadata={"tool": "bench/latency_model.py", "notes": "random weights"})
+    for key in parts:
+        table.set(key, table_lib.PartLatency.from_timing(timings[key]))
+    return table, paths, [(name, config, timings[name]) for name, config in configs.items()]
 
 
 # -- 2. staging overhead -----------------------------------------------------------------------
@@ -164,8 +199,7 @@ def staging(net, config, precision, calibration, threads, rounds):
     """Size and latency of the staged model vs the unstaged model of `config` (every stage run)."""
     staged, stages = export.build_model(net, config, precision, calibration)
     unstaged, _ = export.build_model(net, config, precision, calibration, staged=False)
-    ms = alternate({"staged": chained(staged, [s.signature for s in stages], threads),
-                    "unstaged": chained(unstaged, [export.FULL_SIGNATURE], threads)}, rounds)
+    ms = alternate({"staged": chained(staged, stages, threads), "unstaged": chained(unstaged, None, threads)}, rounds)
     return {"precision": precision, "stages": len(stages), "staged_bytes": len(staged), "unstaged_bytes": len(unstaged),
             "staged_ms": ms["staged"].median_ms, "unstaged_ms": ms["unstaged"].median_ms,
             "size_overhead": len(staged) / len(unstaged) - 1,
@@ -176,17 +210,18 @@ def staging(net, config, precision, calibration, threads, rounds):
 
 
 def static_models(net, exit_ids, precision, calibration):
-    """Per exit k (and the final exit): a single-signature .tflite computing the class maps of
-    exits 1..k, i.e. the layers a dynamic image leaving at k runs, without confidences.
+    """Per exit k (and the final exit): a single-signature .tflite computing the layers a dynamic
+    image leaving at k runs, without confidences: the coarse logits of exits 1..k-1 and exit k's
+    class map.
 
     Returns:
       list of .tflite bytes aligned with exit_ids + ["final"].
     """
     argmax = layers.Lambda(lambda logits: tf.cast(tf.argmax(logits, axis=-1), tf.uint8))
     models = []
-    for k in range(len(exit_ids) + 1):
-        ids = list(exit_ids[:k + 1]) if k < len(exit_ids) else list(exit_ids) + [deployment.FINAL_EXIT]
-        model = keras.Model(net.image, {f"class_map_{i}": argmax(net.logits(e)) for i, e in enumerate(ids)})
+    for k, eid in enumerate(list(exit_ids) + [deployment.FINAL_EXIT]):
+        outputs = {f"coarse_logits_{i}": net.coarse_logits(e) for i, e in enumerate(exit_ids[:k])}
+        model = keras.Model(net.image, {**outputs, "class_map": argmax(net.logits(eid))})
         models.append(export.convert_model(model, precision, [image[None] for image in calibration]))
     return models
 
@@ -269,9 +304,8 @@ def main():
     parser.add_argument("--input_size", type=int, default=160, help="Square input size (pixels) of the MESS network.")
     parser.add_argument("--backbone_input_size", type=int, default=128, help="Square input size of the backbone sweep.")
     parser.add_argument("--threads", type=int, default=1, help="Interpreter threads.")
-    parser.add_argument("--runs", type=int, default=100, help="Timed runs per part and per configuration.")
-    parser.add_argument("--rounds", type=int, default=60, help="Timed rounds of each alternation.")
-    parser.add_argument("--backbone_rounds", type=int, default=20, help="Timed rounds per backbone.")
+    parser.add_argument("--rounds", type=int, default=30, help="Timed rounds of each alternation.")
+    parser.add_argument("--backbone_rounds", type=int, default=10, help="Timed rounds per backbone.")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                           "results", "latency_model.json"))
     args = parser.parse_args()
@@ -285,16 +319,10 @@ def main():
     configs = configurations(exit_ids)
     dynamic_name = f"dynamic x{len(exit_ids)}"
     calibration = random_images(CALIBRATION_IMAGES, size)
-    timing = host.HostTimingConfig(num_threads=args.threads, warmup_runs=WARMUP_ROUNDS, num_runs=args.runs)
     with tempfile.TemporaryDirectory() as folder:
-        table = latency_table(net, DEPLOYED, folder, calibration, timing)
-        paths, measured = staged_models(net, configs, DEPLOYED, folder, calibration, timing)
+        table, paths, measured = composition(net, configs, DEPLOYED, folder, calibration, args.threads, args.rounds)
         checks, median_error = host.composition_errors(table, measured)
-        # The same table against models of the same layers without the in-graph exit policy.
         statics = static_models(net, exit_ids, DEPLOYED, calibration)
-        composed = table.cost_table().exit_costs(configs[dynamic_name])
-        bare = [host.CompositionCheck(f"static to {eid}", c, host.measure_end_to_end(m, None, timing).median_ms)
-                for eid, c, m in zip(configs[dynamic_name].exit_ids, composed, statics)]
         top1_path = os.path.join(folder, f"dynamic_top1_{DEPLOYED}.tflite")
         export.export_staged_model(top1_path, net, configs[dynamic_name], DEPLOYED, calibration,
                                    policy.PolicyConfig(edge_smoothing=False))
@@ -312,11 +340,9 @@ def main():
     }
     results = {
         "network": config.to_dict(), "exits": exit_ids, "precision": DEPLOYED, "threads": args.threads,
-        "runs": args.runs, "rounds": args.rounds, "device": host.host_device(), "runtime": host.runtime_version(),
+        "rounds": args.rounds, "device": host.host_device(), "runtime": host.runtime_version(),
         "table": table.to_dict(),
         "composition": [dataclasses.asdict(c) | {"error": c.error} for c in checks],
-        "composition_without_policy": [dataclasses.asdict(c) | {"error": c.error} for c in bare],
-        "median_composition_error_without_policy": float(np.median([c.error for c in bare])),
         "control": control_rows,
         "median_control_overhead_top1": float(np.median([r["top1_overhead"] for r in control_rows])),
         "staging": staging_rows, "backbones": backbone_rows, "seconds": time.time() - started, "summary": summary,
@@ -328,8 +354,6 @@ def main():
     composition_header = ["measured model", "composed ms", "measured ms", "error %"]
     print(markdown(f"Composition: latency table vs staged models, every stage run (median ms, {DEPLOYED})",
                    composition_header, [composition_row(c) for c in checks]))
-    print(markdown(f"Composition: latency table vs static models of the same layers, no exit policy ({DEPLOYED})",
-                   composition_header, [composition_row(c) for c in bare]))
     print(markdown(f"Dynamic control: runtime + {dynamic_name} staged model leaving at exit k vs a static model "
                    f"of the same layers ({DEPLOYED}); policy: edge-aware (default) and top-1 only",
                    ["exit", "static ms", "edge-aware ms", "overhead %", "top-1 ms", "overhead %"],

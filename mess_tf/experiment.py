@@ -24,7 +24,7 @@ import numpy as np
 from mess_tf import (backbones, calibration, checkpoints, cost_model, export, heads, io_utils, metrics, network,
                      policy, report, runtime, search, training)
 from mess_tf.data import demo, pipeline, registry
-from mess_tf.deployment import DeploymentConfig
+from mess_tf.deployment import DeploymentConfig, ExitChoice
 from mess_tf.latency import host
 from mess_tf.latency import table as table_lib
 
@@ -293,8 +293,9 @@ class Experiment:
         whose pixel accuracy is at least the final exit's: the bound any exit policy can reach."""
         net = self.load("stage2")
         costs = self.cost_table()
-        exit_cost = {e: costs.backbone_to(net.position_of(e).name) + costs.head_cost(e) for e in net.exit_ids}
-        exit_cost["final"] = costs.backbone_to(costs.positions[-1]) + costs.final_head
+        exit_cost = {e: costs.worst(DeploymentConfig("budgeted", [ExitChoice(*e.split(":", 1))]))
+                     for e in net.exit_ids}
+        exit_cost["final"] = costs.worst(DeploymentConfig("budgeted"))
         order = sorted(exit_cost, key=exit_cost.get)
         matrix, spent = metrics.ConfusionMatrix(net.config.num_classes), []
         for i in range(len(images)):

@@ -4,15 +4,21 @@ Three kinds of artifact come from one trained MultiExitNetwork, each in float32,
 (full-integer post-training quantisation, calibrated on caller-supplied images):
 
   * parts (`part_models` + `convert_parts`): each backbone segment between consecutive candidate
-    positions, each exit head at each position, the final head. Latency tables time these.
+    positions, each exit head at each position (to its image confidence), the class map of an
+    exit at each position, the final head. Latency tables time these.
   * an unstaged model of a configuration (`build_model(..., staged=False)`): one signature
     ("full") running every stage of the configuration back to back; the reference against which
     staging is measured.
   * the staged model (`build_model(..., staged=True)`, `export_staged_model`): ONE .tflite with a
     signature per stage (`stage_1` ... `stage_N`). Stage k takes what earlier stages computed
-    (the image for k = 1), and returns the feature maps later stages need, exit k's class map
-    (argmax, uint8 [1, H, W]) and, for early exits, its image confidence (float [1], computed in
-    the graph by the exit policy, so an app reads one scalar per stage). Weights are stored once.
+    (the image for k = 1), and returns the feature maps later stages need and, for early exits,
+    its image confidence (float [1], computed in the graph by the exit policy, so an app reads
+    one scalar per stage). The final stage returns its class map (argmax, uint8 [1, H, W]). An
+    early exit k of a dynamic/anytime model returns its coarse logits instead, and signature
+    `class_map_k` turns them into its class map: an app runs it only for an image that leaves
+    there, so an image passing an exit does not pay for upsampling logits it never shows (at
+    128x128 and 11 classes that was a fifth of a MobileNetV2 stage on the host). A budgeted
+    model's one stage returns its class map itself. Weights are stored once.
     A JSON file beside it (MODEL.tflite.json) records classes, input spec, stages, thresholds,
     mode, policy config, and the deployment and network configs it came from.
 
@@ -25,6 +31,7 @@ agree to float rounding; zero points exactly) and export fails if they do not.
 import dataclasses
 import logging
 import math
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -37,6 +44,8 @@ from mess_tf.latency import table
 PRECISIONS = ("float32", "float16", "int8")
 CLASS_MAP = "class_map"
 CONFIDENCE = "confidence"
+# An early exit's logits at its own resolution: an output of its stage, the input of its class map.
+COARSE_LOGITS = "coarse_logits"
 # Stage-model outputs that are the exit itself, not features handed to the next stage.
 STAGE_EXIT_OUTPUTS = (network.EXIT_LOGITS, network.EXIT_COARSE_LOGITS)
 FULL_SIGNATURE = "full"
@@ -49,6 +58,11 @@ DEFAULT_SIGNATURE = "serving_default"
 def stage_signature(k):
     """Signature key of stage k (1-based)."""
     return f"stage_{k}"
+
+
+def class_map_signature(k):
+    """Signature key of early exit k's class map (1-based), run only when an image leaves there."""
+    return f"class_map_{k}"
 
 
 def metadata_path(model_path):
@@ -144,11 +158,78 @@ def _signature_function(key, model, wrap_outputs):
     return tf.function(call, input_signature=[specs]).get_concrete_function()
 
 
-# -- parts: segments, heads, final head ----------------------------------------------------------
+# -- exit outputs: what an app reads ------------------------------------------------------------
+
+
+def _class_map(logits):
+    """Logits [1, H, W, C] at the input size -> uint8 [1, H, W] class indices."""
+    return tf.cast(tf.argmax(logits, axis=-1), tf.uint8)
+
+
+def _confidence(coarse_logits, th_pix, stride, policy_config, precision):
+    """Image confidence [1] of an exit from its coarse logits (its own output resolution, as in
+    calibration), computed in the graph by the exit policy."""
+    confidence = policy.image_confidence_tf(coarse_logits, th_pix, stride, policy_config)
+    if precision == "int8":
+        # A fraction in [0, 1]: pin its int8 range instead of trusting calibration to span it.
+        confidence = tf.quantization.fake_quant_with_min_max_args(confidence, min=0.0, max=1.0)
+    return confidence
+
+
+# -- parts: segments, heads, class maps, final head -----------------------------------------------
+
+# th_pix of the confidence in timed head parts: its value does not change the work done.
+PROFILE_TH_PIX = 0.5
 
 
 def _input_like(tensor, name):
     return keras.Input(tensor.shape[1:], name=network._io_name(name))
+
+
+def _class_map_model(net, eid):
+    """Exit `eid`'s coarse logits {COARSE_LOGITS: [1, h, w, C]} -> its logits at the input size:
+    the exit's own upsampling layer, replayed."""
+    source = keras.Input(net.coarse_logits(eid).shape[1:], name=COARSE_LOGITS)
+    return keras.Model({COARSE_LOGITS: source}, graph.replay(net.logits(eid), [(net.coarse_logits(eid), source)]),
+                       name="class_map_" + network._io_name(eid))
+
+
+def _parts(net, exit_ids):
+    """Part key -> (Keras model, {model input name: the net's tensor that feeds it})."""
+    positions = net.backbone.positions
+    parts, previous = {}, net.image
+    for position in positions:
+        name = "image" if previous is net.image else network._io_name(graph.producer(previous).name)
+        source = keras.Input(previous.shape[1:], name=name)
+        target = net.backbone.feature(position.name)
+        parts[table.part_key(table.SEGMENT, position.name)] = (
+            keras.Model(source, graph.replay(target, [(previous, source)]),
+                        name=f"segment_{network._io_name(position.name)}"), {name: previous})
+        previous = target
+    for eid in exit_ids:
+        feature = net.backbone.feature(net.position_of(eid).name)
+        source = _input_like(feature, net.position_of(eid).name)
+        parts[table.part_key(table.HEAD, eid)] = (
+            keras.Model(source, graph.replay(net.coarse_logits(eid), [(feature, source)]),
+                        name="head_" + network._io_name(eid)), {network._io_name(net.position_of(eid).name): feature})
+    for position, eid in _class_map_exits(net, exit_ids).items():
+        parts[table.part_key(table.CLASS_MAP, position)] = (_class_map_model(net, eid),
+                                                            {COARSE_LOGITS: net.coarse_logits(eid)})
+    parts[table.FINAL_HEAD] = _final_head_part(net)
+    return parts
+
+
+def _class_map_exits(net, exit_ids):
+    """Position name -> one exit there: every head at a position gives coarse logits of the same
+    shape, upsampled the same way, so one class-map part per position times them all."""
+    exits = {}
+    for eid in exit_ids:
+        position = net.position_of(eid).name
+        first = exits.setdefault(position, eid)
+        if net.coarse_logits(eid).shape != net.coarse_logits(first).shape:
+            raise ValueError(f"exits {first} and {eid} at one position give coarse logits of different shapes "
+                             f"{net.coarse_logits(first).shape} and {net.coarse_logits(eid).shape}")
+    return exits
 
 
 def part_models(net, exit_ids=None):
@@ -159,56 +240,46 @@ def part_models(net, exit_ids=None):
       exit_ids: exits whose heads to include (default: all of net.exit_ids).
 
     Returns:
-      dict keyed by latency.table.part_key, in depth order: "segment:<position>" -> model (features at the previous position, or
-      the image [1, H, W, 3] RGB 0..255 for the first, -> features at <position>);
-      "head:<exit id>" -> model (features at its position -> logits [1, H, W, classes]);
+      dict keyed by latency.table.part_key, in depth order:
+      "segment:<position>" -> model (features at the previous position, or the image
+        [1, H, W, 3] RGB 0..255 for the first, -> features at <position>);
+      "head:<exit id>" -> model (features at its position -> coarse logits [1, h, w, classes]);
+      "class_map:<position>" -> model ({COARSE_LOGITS: coarse logits of an exit there} ->
+        logits at the input size [1, H, W, classes]);
       "final_head" -> model (backbone output [and, for V3+, the decoder's low-level features]
-      -> logits).
+        -> logits [1, H, W, classes]).
+      convert_parts adds what a staged model computes at each: the image confidence after a head,
+      the argmax after a class map and after the final head.
     """
     exit_ids = net.exit_ids if exit_ids is None else list(exit_ids)
-    positions = net.backbone.positions
-    parts, previous = {}, net.image
-    for position in positions:
-        source = keras.Input(previous.shape[1:], name="image" if previous is net.image else
-                             network._io_name(graph.producer(previous).name))
-        target = net.backbone.feature(position.name)
-        parts[table.part_key(table.SEGMENT, position.name)] = keras.Model(
-            source, graph.replay(target, [(previous, source)]), name=f"segment_{network._io_name(position.name)}")
-        previous = target
-    for eid in exit_ids:
-        feature = net.backbone.feature(net.position_of(eid).name)
-        source = _input_like(feature, net.position_of(eid).name)
-        parts[table.part_key(table.HEAD, eid)] = keras.Model(source, graph.replay(net.logits(eid), [(feature, source)]),
-                                           name="head_" + network._io_name(eid))
-    parts[table.FINAL_HEAD] = _final_head_model(net)
-    return parts
+    return {key: model for key, (model, _) in _parts(net, exit_ids).items()}
 
 
-def _final_head_model(net):
+def _final_head_part(net):
     final = net.logits(FINAL_EXIT)
     cut = [net.backbone.model.output]
     if net.config.final_head.kind == "deeplabv3plus":
         cut.append(net.backbone.feature(net.backbone.decoder_position(net.config.final_head.decoder_position)))
     sources = {network._io_name(graph.producer(t).name): _input_like(t, graph.producer(t).name) for t in cut}
     feeds = list(zip(cut, sources.values()))
-    return keras.Model(sources, graph.replay(final, feeds), name="final_head")
+    return keras.Model(sources, graph.replay(final, feeds), name="final_head"), dict(zip(sources, cut))
 
 
 def _part_calibration(net, parts, images):
-    """Per part, the list of its real inputs on the calibration images (feature dicts)."""
-    names = {network._io_name(p.name): net.backbone.feature(p.name) for p in net.backbone.positions}
-    features = keras.Model(net.image, names)
+    """Per part, the list of its real inputs on the calibration images ({input name: array})."""
+    tensors = {f"{key}/{name}": tensor for key, (_, feeds) in parts.items() for name, tensor in feeds.items()}
+    tensors = {k: t for k, t in tensors.items() if t is not net.image}
+    features = keras.Model(net.image, tensors)
     per_part = {key: [] for key in parts}
     for image in _calibration_batches(images, net.config.input_size):
         available = {k: v.numpy() for k, v in features(image, training=False).items()}
-        available["image"] = image
-        for key, model in parts.items():
-            feed_names = model.input.keys() if isinstance(model.input, dict) else [model.input.name.split(":")[0]]
-            per_part[key].append({n: available[n] for n in feed_names})
+        for key, (_, feeds) in parts.items():
+            per_part[key].append({name: image if tensor is net.image else available[f"{key}/{name}"]
+                                  for name, tensor in feeds.items()})
     return per_part
 
 
-def convert_model(model, precision, calibration_inputs=None, signature=DEFAULT_SIGNATURE):
+def convert_model(model, precision, calibration_inputs=None, signature=DEFAULT_SIGNATURE, outputs=None):
     """Converts one Keras model (batch 1) into a .tflite with one signature.
 
     Args:
@@ -216,14 +287,16 @@ def convert_model(model, precision, calibration_inputs=None, signature=DEFAULT_S
       precision: one of PRECISIONS.
       calibration_inputs: int8 only: iterable of {input_name: float32 [1, ...] array}.
       signature: the signature key.
+      outputs: callable from the model's outputs to the signature's {name: tensor} (default: the
+        model's outputs as they are, a lone one named "output").
 
     Returns:
-      The .tflite flatbuffer (bytes). Outputs are the model's outputs (raw logits / features).
+      The .tflite flatbuffer (bytes).
     """
-    def as_dict(outputs):
-        return outputs if isinstance(outputs, dict) else {"output": outputs}
+    def as_dict(result):
+        return result if isinstance(result, dict) else {"output": result}
 
-    function = _signature_function(signature, model, as_dict)
+    function = _signature_function(signature, model, outputs or as_dict)
     dataset = None
     if precision == "int8":
         def dataset():
@@ -234,26 +307,48 @@ def convert_model(model, precision, calibration_inputs=None, signature=DEFAULT_S
     return _convert({signature: function}, model.variables, precision, dataset)
 
 
-def convert_parts(net, precision, calibration_images=None, exit_ids=None):
-    """Converts every part of `net` (see part_models) to TFLite.
+def _part_outputs(net, key, precision, policy_config):
+    """What a staged model computes after part `key`, as a convert_model `outputs` callable: a
+    head's coarse logits and image confidence, a class map's or the final head's argmax."""
+    kind, name = table.parse_part_key(key)
+    if kind == table.HEAD:
+        stride = net.position_of(name).stride
+
+        def head(coarse):
+            return {COARSE_LOGITS: coarse,
+                    CONFIDENCE: _confidence(coarse, PROFILE_TH_PIX, stride, policy_config, precision)}
+        return head
+    if kind in (table.CLASS_MAP, table.FINAL_HEAD):
+        return lambda logits: {CLASS_MAP: _class_map(logits)}
+    return None
+
+
+def convert_parts(net, precision, calibration_images=None, exit_ids=None, policy_config=None):
+    """Converts every part of `net` (see part_models) to TFLite, each with what a staged model
+    computes after it: heads end at their image confidence, class maps and the final head at the
+    argmax.
 
     Args:
       net: MultiExitNetwork.
       precision: one of PRECISIONS.
       calibration_images: int8 only: iterable of RGB 0..255 images [H, W, 3] (or [1, H, W, 3]).
       exit_ids: heads to convert (default all).
+      policy_config: policy.PolicyConfig of the heads' confidences (default PolicyConfig()).
 
     Returns:
       dict part name (as in part_models) -> .tflite bytes.
     """
     _check_precision(precision)
-    parts = part_models(net, exit_ids)
+    policy_config = policy_config or policy.PolicyConfig()
+    parts = _parts(net, net.exit_ids if exit_ids is None else list(exit_ids))
     calibration = {}
     if precision == "int8":
         if calibration_images is None:
             raise ValueError("int8 conversion needs calibration images")
         calibration = _part_calibration(net, parts, calibration_images)
-    return {key: convert_model(model, precision, calibration.get(key)) for key, model in parts.items()}
+    return {key: convert_model(model, precision, calibration.get(key),
+                               outputs=_part_outputs(net, key, precision, policy_config))
+            for key, (model, _) in parts.items()}
 
 
 # -- staged model of a configuration -------------------------------------------------------------
@@ -271,6 +366,9 @@ class Stage:
       th_img: image-confidence threshold; None for the final exit.
       inputs: input names (what earlier stages computed; "image" for stage 1).
       features: feature-map output names (what later stages need).
+      class_map_signature: the signature that turns this stage's COARSE_LOGITS output into the
+        exit's class map, run only for an image that leaves here; None when the stage outputs
+        CLASS_MAP itself (the final stage, and the one stage of a budgeted model).
     """
 
     signature: str
@@ -280,6 +378,7 @@ class Stage:
     th_img: float
     inputs: tuple
     features: tuple
+    class_map_signature: Optional[str] = None
 
     @property
     def is_early_exit(self):
@@ -287,48 +386,56 @@ class Stage:
 
 
 def _stages(net, config):
-    """Keras stage models of `config` and their Stage descriptions."""
+    """Keras stage models of `config`, their Stage descriptions, and the Keras class-map model
+    of each stage that has a class-map signature (keyed by that signature)."""
     ids = [e.exit_id for e in config.exits]
-    models = net.stage_models(ids, truncate=(config.mode == "budgeted" and bool(ids)))
+    budgeted = config.mode == "budgeted" and bool(ids)
+    models = net.stage_models(ids, truncate=budgeted)
     choices = list(config.exits) + [None]
-    stages = []
+    stages, class_maps = [], {}
     for k, model in enumerate(models):
         choice = choices[k]
         eid = choice.exit_id if choice else FINAL_EXIT
         stride = net.position_of(eid).stride if choice else net.config.backbone.output_stride
+        class_map_key = class_map_signature(k + 1) if choice and not budgeted else None
+        if class_map_key:
+            class_maps[class_map_key] = _class_map_model(net, eid)
         stages.append(Stage(stage_signature(k + 1), eid, stride,
                             choice.th_pix if choice else None, choice.th_img if choice else None,
-                            tuple(model.input), tuple(n for n in model.output if n not in STAGE_EXIT_OUTPUTS)))
-    return models, stages
+                            tuple(model.input), tuple(n for n in model.output if n not in STAGE_EXIT_OUTPUTS),
+                            class_map_key))
+    return models, stages, class_maps
 
 
 def _exit_outputs(result, stage, policy_config, precision):
-    """Exit k's class map (input resolution) and, for early exits, its image confidence, computed
-    on the exit's coarse logits (its own output resolution, as in calibration)."""
-    outputs = {CLASS_MAP: tf.cast(tf.argmax(result[network.EXIT_LOGITS], axis=-1), tf.uint8)}
+    """What stage k returns about its exit: the class map (input resolution), or, where a class-map
+    signature computes it on demand, the coarse logits it starts from; and, for early exits, the
+    image confidence on the coarse logits (their own output resolution, as in calibration)."""
+    coarse = result[network.EXIT_COARSE_LOGITS]
+    outputs = ({COARSE_LOGITS: coarse} if stage.class_map_signature else
+               {CLASS_MAP: _class_map(result[network.EXIT_LOGITS])})
     if stage.is_early_exit:
-        confidence = policy.image_confidence_tf(result[network.EXIT_COARSE_LOGITS], stage.th_pix, stage.stride,
-                                                policy_config)
-        if precision == "int8":
-            # A fraction in [0, 1]: pin its int8 range instead of trusting calibration to span it.
-            confidence = tf.quantization.fake_quant_with_min_max_args(confidence, min=0.0, max=1.0)
-        outputs[CONFIDENCE] = confidence
+        outputs[CONFIDENCE] = _confidence(coarse, stage.th_pix, stage.stride, policy_config, precision)
     return outputs
 
 
-def _stage_functions(models, stages, policy_config, precision):
+def _stage_functions(models, stages, class_maps, policy_config, precision):
     def wrap(stage):
         def outputs(result):
             features = {n: v for n, v in result.items() if n not in STAGE_EXIT_OUTPUTS}
             return {**features, **_exit_outputs(result, stage, policy_config, precision)}
         return outputs
 
-    return {s.signature: _signature_function(s.signature, m, wrap(s)) for m, s in zip(models, stages)}
+    functions = {s.signature: _signature_function(s.signature, m, wrap(s)) for m, s in zip(models, stages)}
+    for key, model in class_maps.items():
+        functions[key] = _signature_function(key, model, lambda logits: {CLASS_MAP: _class_map(logits)})
+    return functions
 
 
-def _full_function(models, stages, policy_config, precision):
-    """One signature running every stage back to back: the unstaged model of a configuration.
-    Outputs `<signature>_class_map` and `<signature>_confidence` per stage."""
+def _full_function(models, stages, class_maps, policy_config, precision):
+    """One signature running every stage back to back, every exit's class map included: the
+    unstaged model of a configuration. Outputs `<signature>_class_map` and
+    `<signature>_confidence` per stage."""
     image = models[0].input["image"]
     spec = {"image": tf.TensorSpec([1, *image.shape[1:]], tf.float32, name="image")}
 
@@ -336,7 +443,11 @@ def _full_function(models, stages, policy_config, precision):
         outputs, available = {}, dict(image)
         for model, stage in zip(models, stages):
             result = model({n: available[n] for n in stage.inputs}, training=False)
-            for name, value in _exit_outputs(result, stage, policy_config, precision).items():
+            exit_outputs = _exit_outputs(result, stage, policy_config, precision)
+            if stage.class_map_signature:
+                logits = class_maps[stage.class_map_signature]({COARSE_LOGITS: exit_outputs.pop(COARSE_LOGITS)})
+                exit_outputs[CLASS_MAP] = _class_map(logits)
+            for name, value in exit_outputs.items():
                 outputs[f"{stage.signature}_{name}"] = value
             available.update({n: result[n] for n in stage.features})
         return outputs
@@ -346,7 +457,7 @@ def _full_function(models, stages, policy_config, precision):
 
 def _stage_calibration(models, stages, images, input_size, signatures):
     """Representative dataset for staged conversion: each image runs through the float stages,
-    and stage k+1 is fed stage k's real outputs."""
+    stage k+1 is fed stage k's real outputs and a class-map signature its stage's coarse logits."""
     batches = list(_calibration_batches(images, input_size))
 
     def dataset():
@@ -358,6 +469,8 @@ def _stage_calibration(models, stages, images, input_size, signatures):
                     yield stage.signature, feed
                 result = model(feed, training=False)
                 available.update({n: result[n].numpy() for n in stage.features})
+                if stage.class_map_signature in signatures:
+                    yield stage.class_map_signature, {COARSE_LOGITS: result[network.EXIT_COARSE_LOGITS].numpy()}
             if FULL_SIGNATURE in signatures:
                 yield FULL_SIGNATURE, {"image": image}
     return dataset
@@ -373,7 +486,8 @@ def build_model(net, config, precision, calibration_images=None, policy_config=N
       precision: one of PRECISIONS.
       calibration_images: int8 only: iterable of RGB 0..255 images [H, W, 3] (calibration split).
       policy_config: policy.PolicyConfig for the in-graph image confidence (default PolicyConfig()).
-      staged: True: signatures stage_1..stage_N; False: one signature "full" running them all.
+      staged: True: signatures stage_1..stage_N and class_map_k for each early exit k of a
+        dynamic/anytime model; False: one signature "full" running them all.
 
     Returns:
       (tflite bytes, list of Stage).
@@ -382,15 +496,15 @@ def build_model(net, config, precision, calibration_images=None, policy_config=N
     if precision == "int8" and calibration_images is None:
         raise ValueError("int8 conversion needs calibration images (the calibration split)")
     policy_config = policy_config or policy.PolicyConfig()
-    models, stages = _stages(net, config)
+    models, stages, class_maps = _stages(net, config)
     if staged:
-        functions = _stage_functions(models, stages, policy_config, precision)
+        functions = _stage_functions(models, stages, class_maps, policy_config, precision)
     else:
-        functions = {FULL_SIGNATURE: _full_function(models, stages, policy_config, precision)}
+        functions = {FULL_SIGNATURE: _full_function(models, stages, class_maps, policy_config, precision)}
     dataset = None
     if precision == "int8":
         dataset = _stage_calibration(models, stages, calibration_images, net.config.input_size, set(functions))
-    variables = {id(v): v for m in models for v in m.variables}
+    variables = {id(v): v for m in models + list(class_maps.values()) for v in m.variables}
     model_bytes = _convert(functions, variables.values(), precision, dataset)
     if precision == "int8" and staged:
         check_int8_handoff(model_bytes, stages)
@@ -399,7 +513,8 @@ def build_model(net, config, precision, calibration_images=None, policy_config=N
 
 def check_int8_handoff(model_bytes, stages):
     """Checks that every int8 feature map leaves the stage that computes it with the scale and
-    zero point each later stage reads it with, so the app passes the int8 tensor on without
+    zero point each later stage reads it with (and an early exit's coarse logits leave with those
+    its class-map signature reads them with), so the app passes the int8 tensor on without
     requantising.
 
     Raises:
@@ -418,15 +533,24 @@ def check_int8_handoff(model_bytes, stages):
             if name not in producers or name not in inputs:
                 raise ValueError(f"int8 hand-off -> {stage.signature}: feature map {name!r} is not an output of "
                                  f"an earlier stage and an input of this one")
-            source, (out_scale, out_zero) = producers[name]
-            in_scale, in_zero = inputs[name]["quantization"]
-            if out_zero != in_zero or not math.isclose(out_scale, in_scale, rel_tol=SCALE_RTOL):
-                raise ValueError(
-                    f"int8 hand-off {source} -> {stage.signature}: feature map {name!r} leaves with "
-                    f"(scale={out_scale}, zero_point={out_zero}) but is read with (scale={in_scale}, "
-                    f"zero_point={in_zero}); the stages cannot pass int8 tensors on as they are")
+            source, quantisation = producers[name]
+            _check_same_quantisation(source, stage.signature, name, quantisation, inputs[name]["quantization"])
         outputs = runner.get_output_details()
         producers.update({name: (stage.signature, outputs[name]["quantization"]) for name in stage.features})
+        if stage.class_map_signature:
+            _check_same_quantisation(stage.signature, stage.class_map_signature, COARSE_LOGITS,
+                                     outputs[COARSE_LOGITS]["quantization"],
+                                     interpreter.get_signature_runner(stage.class_map_signature)
+                                     .get_input_details()[COARSE_LOGITS]["quantization"])
+
+
+def _check_same_quantisation(source, target, name, out_quantisation, in_quantisation):
+    (out_scale, out_zero), (in_scale, in_zero) = out_quantisation, in_quantisation
+    if out_zero != in_zero or not math.isclose(out_scale, in_scale, rel_tol=SCALE_RTOL):
+        raise ValueError(
+            f"int8 hand-off {source} -> {target}: feature map {name!r} leaves with "
+            f"(scale={out_scale}, zero_point={out_zero}) but is read with (scale={in_scale}, "
+            f"zero_point={in_zero}); the stages cannot pass int8 tensors on as they are")
 
 
 def staged_metadata(net, config, precision, stages, policy_config=None, class_names=None):
@@ -442,7 +566,8 @@ def staged_metadata(net, config, precision, stages, policy_config=None, class_na
 
     Returns:
       dict with format, precision, mode, classes, input (size [H, W], dtype, range, channels),
-      stages (signature, exit_id, stride, th_pix, th_img, inputs, features), policy,
+      stages (signature, exit_id, stride, th_pix, th_img, inputs, features,
+      class_map_signature), policy,
       deployment (config.to_dict()), network (net.config.to_dict()).
     """
     num_classes = net.config.num_classes
@@ -450,7 +575,7 @@ def staged_metadata(net, config, precision, stages, policy_config=None, class_na
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names given for a network of {num_classes} classes")
     return {
-        "format": "mess_tf.staged/1",
+        "format": "mess_tf.staged/2",
         "precision": precision,
         "mode": config.mode,
         "classes": class_names,

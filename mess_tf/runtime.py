@@ -1,7 +1,8 @@
 """Runs a staged MESS model (made by export.export_staged_model) with the LiteRT interpreter.
 
 The model really skips work: each stage is its own signature, so an image that exits early never
-runs the later stages. Modes:
+runs the later stages, and an early exit's class map is its own signature too, run only when an
+image leaves there (or when anytime mode shows it). Modes:
   * "budgeted": run the stages up to one exit (a budgeted export has exactly one stage);
   * "dynamic":  run stage after stage; stop at the first early exit whose image confidence
     (computed inside the model) reaches its th_img; otherwise the final exit;
@@ -62,7 +63,11 @@ class StagedModel:
                        for s in metadata["stages"]]
         self.interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
         self._runners = [self.interpreter.get_signature_runner(s.signature) for s in self.stages]
+        self._class_map_runners = [s.class_map_signature and self.interpreter.get_signature_runner(s.class_map_signature)
+                                   for s in self.stages]
         self._image_detail = self._runners[0].get_input_details()["image"]
+        self._confidence_details = [runner.get_output_details()[export.CONFIDENCE] if stage.is_early_exit else None
+                                    for stage, runner in zip(self.stages, self._runners)]
 
     @classmethod
     def load(cls, path, num_threads=None):
@@ -104,26 +109,36 @@ class StagedModel:
           image: RGB 0..255 [H, W, 3] (uint8 or float) at the model's input size.
           th_img: image thresholds of the early exits (default the exported ones).
           stop_early: stop after the first early exit whose confidence reaches its threshold
-            (dynamic mode); otherwise run every stage.
+            (dynamic mode), computing the class map of that exit only; otherwise run every
+            stage and every exit's class map.
 
         Yields:
-          ExitResult for each exit as it is produced; total_ms counts from the call.
+          ExitResult for each exit as it is produced (stop_early: only the exit taken);
+          total_ms counts from the call; stage_ms includes a class map's signature when run.
         """
         thresholds = self._thresholds(th_img)
         start = time.perf_counter()
         available, confidences, stage_ms = {"image": self._image(image)}, [], []
-        for k, (stage, runner) in enumerate(zip(self.stages, self._runners)):
+        for k, stage in enumerate(self.stages):
             stage_start = time.perf_counter()
-            outputs = runner(**{name: available[name] for name in stage.inputs})
-            class_map = outputs[export.CLASS_MAP][0]
+            outputs = self._runners[k](**{name: available[name] for name in stage.inputs})
             if stage.is_early_exit:
-                detail = runner.get_output_details()[export.CONFIDENCE]
-                confidences.append(float(_dequantise(outputs[export.CONFIDENCE], detail).reshape(-1)[0]))
+                confidence = _dequantise(outputs[export.CONFIDENCE], self._confidence_details[k])
+                confidences.append(float(confidence.reshape(-1)[0]))
+            leaves = stop_early and stage.is_early_exit and confidences[-1] >= thresholds[k]
+            if stop_early and not leaves and k + 1 < len(self.stages):
+                class_map = None  # passing on: this exit's class map is never shown
+            elif stage.class_map_signature:
+                class_map = self._class_map_runners[k](**{export.COARSE_LOGITS: outputs[export.COARSE_LOGITS]})
+                class_map = class_map[export.CLASS_MAP][0]
+            else:
+                class_map = outputs[export.CLASS_MAP][0]
             available.update({name: outputs[name] for name in stage.features})  # kept for any later stage
             now = time.perf_counter()
             stage_ms.append((now - stage_start) * 1e3)
-            yield ExitResult(class_map, k, stage.exit_id, list(confidences), list(stage_ms), (now - start) * 1e3)
-            if stop_early and stage.is_early_exit and confidences[-1] >= thresholds[k]:
+            if class_map is not None:
+                yield ExitResult(class_map, k, stage.exit_id, list(confidences), list(stage_ms), (now - start) * 1e3)
+            if leaves:
                 return
 
     def run(self, image, mode=None, th_img=None, exit_index=None, deadline_ms=None):
@@ -148,11 +163,11 @@ class StagedModel:
             last = len(self.stages) - 1 if exit_index is None else exit_index
             if not 0 <= last < len(self.stages):
                 raise ValueError(f"exit_index={exit_index} is out of range: the model has exits {self.exit_ids}")
-            results = self.anytime(image)
-            for result in results:
-                if result.exit_index == last:
-                    results.close()
-                    return result
+            # Exit `last` as a dynamic run whose earlier exits never pass and whose exit `last`
+            # always does: only that exit's class map is computed.
+            th_img = [-np.inf if k == last else np.inf for k in range(len(self.thresholds))]
+            *_, result = self.anytime(image, th_img, stop_early=True)
+            return result
         if mode == "dynamic":
             *_, result = self.anytime(image, th_img, stop_early=True)
             return result

@@ -129,7 +129,8 @@ class _Problem:
     exit_ids: list        # allowed early exit ids, by position then head
     position: np.ndarray  # [J] position index in the cost table
     reach: np.ndarray     # [J] backbone cost up to the exit's position
-    head: np.ndarray      # [J] exit head cost
+    head: np.ndarray      # [J] exit head cost, paid at every exit an image reaches
+    class_map: np.ndarray  # [J] exit class-map cost, paid only by the images leaving there
     full: float           # backbone + final head
     counts: np.ndarray    # [J + 1, N, 2C] tp | fp, final last
     gt: np.ndarray        # [C] labelled pixels per class
@@ -151,10 +152,11 @@ class _Problem:
             leaves[mask] = k
         if mode == "budgeted" and chosen:
             leaves[:] = 0
-        js = [j for j, _ in chosen] + ([] if mode == "budgeted" and chosen else [len(self.exit_ids)])
-        costs = self.reach[[j for j, _ in chosen]] + np.cumsum(self.head[[j for j, _ in chosen]])
+        picked = [j for j, _ in chosen]
+        js = picked + ([] if mode == "budgeted" and chosen else [len(self.exit_ids)])
+        costs = self.reach[picked] + np.cumsum(self.head[picked]) + self.class_map[picked]
         if not (mode == "budgeted" and chosen):
-            costs = np.append(costs, self.full + self.head[[j for j, _ in chosen]].sum())
+            costs = np.append(costs, self.full + self.head[picked].sum())
         summed = np.stack([self.counts[j, leaves == k].sum(0) for k, j in enumerate(js)]).sum(0)
         c = self.gt.size
         fractions = np.bincount(leaves, minlength=len(js)) / n
@@ -174,6 +176,7 @@ def _problem(cache, costs, th_img_grid, allowed_exits):
         if position not in costs.positions:
             raise ValueError(f"exit {e}: position {position!r} is not in the cost table {list(costs.positions)}")
         costs.head_cost(e)
+        costs.class_map_cost(e)
     order = {p: i for i, p in enumerate(costs.positions)}
     allowed.sort(key=lambda e: (order[e.split(":", 1)[0]], e))
     index = [cache.exit_ids.index(e) for e in allowed] + [len(cache.exit_ids)]
@@ -193,6 +196,7 @@ def _problem(cache, costs, th_img_grid, allowed_exits):
     return _Problem(allowed, np.array([order[e.split(":", 1)[0]] for e in allowed], int),
                     np.array([costs.backbone_to(e.split(":", 1)[0]) for e in allowed]),
                     np.array([costs.head_cost(e) for e in allowed]),
+                    np.array([costs.class_map_cost(e) for e in allowed]),
                     costs.backbone_to(costs.positions[-1]) + float(costs.final_head),
                     counts, gt, masks, pairs, cache.th_pix_grid.size * th_img_grid.size, costs.unit)
 
@@ -372,7 +376,7 @@ class _BranchAndBound:
         self.objective, self.max_exits = objective, max_exits
         c, n_exits, n = problem.gt.size, len(problem.exit_ids), problem.num_images
         self.delta = p.counts[:-1] - p.counts[-1]            # [J, N, 2C] vs leaving at the final exit
-        self.exit_cost = p.reach + p.head                     # [J] paid when leaving there (+ earlier heads)
+        self.exit_cost = p.reach + p.head + p.class_map       # [J] paid when leaving there (+ earlier heads)
         # later[j]: the first exit deeper than exit j (exits are in depth order).
         self.later = np.searchsorted(p.position, p.position, side="right")
         self.masks = np.zeros((n_exits, max((len(m) for m in p.masks), default=0), n))  # 0/1, empty-padded

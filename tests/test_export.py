@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from mess_tf import backbones, deployment, export, heads, network
-from mess_tf.keras_lib import layers
+from mess_tf.keras_lib import keras, layers
 
 EXITS = ("block_2_add:fcn_w16_b0", "block_6_project_BN:fcn_w16_b1_rd")
 
@@ -85,25 +85,35 @@ def test_every_backbone_with_aspp_dilation_and_resize_converts(name):
 def test_parts_chain_to_the_network_and_convert(tiny_net):
     parts = export.part_models(tiny_net)
     positions = [p.name for p in tiny_net.backbone.positions]
+    exit_positions = [e.split(":")[0] for e in tiny_net.exit_ids]
     assert list(parts) == ([f"segment:{p}" for p in positions] + [f"head:{e}" for e in tiny_net.exit_ids]
-                           + ["final_head"])
+                           + [f"class_map:{p}" for p in exit_positions] + ["final_head"])
     image = images(1)
     features, x = {}, image
     for p in positions:
         x = parts[f"segment:{p}"](x).numpy()
         features[p] = x
     expected = tiny_net.model(image)
-    for eid in tiny_net.exit_ids:
-        head = parts[f"head:{eid}"](features[eid.split(":")[0]])
-        np.testing.assert_allclose(head.numpy(), expected[eid].numpy(), atol=1e-4)
+    for eid, position in zip(tiny_net.exit_ids, exit_positions):
+        coarse = parts[f"head:{eid}"](features[position])
+        network_coarse = keras.Model(tiny_net.image, tiny_net.coarse_logits(eid))(image)
+        np.testing.assert_allclose(coarse.numpy(), network_coarse.numpy(), atol=1e-4)
+        logits = parts[f"class_map:{position}"]({export.COARSE_LOGITS: coarse})
+        np.testing.assert_allclose(logits.numpy(), expected[eid].numpy(), atol=1e-4)
     final = parts["final_head"](features[positions[-1]])
     np.testing.assert_allclose(final.numpy(), expected["final"].numpy(), atol=1e-4)
-    # One segment, one head and the final head through the converter, float16 and int8.
-    head_id = f"head:{EXITS[1]}"
-    float16 = export.convert_model(parts[head_id], "float16")
-    got = run_signature(float16, "serving_default", input=features["block_6_project_BN"])["output"]
-    np.testing.assert_allclose(got, expected[EXITS[1]].numpy(), atol=0.05, rtol=0.05)
-    calibration = export._part_calibration(tiny_net, {k: parts[k] for k in ("final_head",)}, images(4))
+
+    # Converted, each part ends with what a staged model computes after it.
+    converted = export.convert_parts(tiny_net, "float16", exit_ids=[EXITS[1]])
+    assert sorted(converted) == sorted([f"segment:{p}" for p in positions]
+                                       + [f"head:{EXITS[1]}", "class_map:block_6_project_BN", "final_head"])
+    head = run_signature(converted[f"head:{EXITS[1]}"], "serving_default", input=features["block_6_project_BN"])
+    assert sorted(head) == sorted([export.CONFIDENCE, export.COARSE_LOGITS]) and 0 <= head[export.CONFIDENCE][0] <= 1
+    class_map = run_signature(converted["class_map:block_6_project_BN"], "serving_default",
+                              **{export.COARSE_LOGITS: head[export.COARSE_LOGITS]})[export.CLASS_MAP]
+    agree = class_map[0] == expected[EXITS[1]].numpy()[0].argmax(-1)
+    assert class_map.dtype == np.uint8 and agree.mean() > 0.98  # float16 flips near-ties only
+    calibration = export._part_calibration(tiny_net, {"final_head": export._final_head_part(tiny_net)}, images(4))
     int8 = export.convert_model(parts["final_head"], "int8", calibration["final_head"])
     from ai_edge_litert.interpreter import Interpreter
     details = Interpreter(model_content=int8).get_signature_runner().get_input_details()
@@ -127,6 +137,13 @@ def test_staged_model_signatures_metadata_and_weights_stored_once(tiny_net, tmp_
     assert on_disk == json.loads(json.dumps(metadata))
     metadata = on_disk
     assert [s["signature"] for s in metadata["stages"]] == ["stage_1", "stage_2", "stage_3"]
+    assert [s["class_map_signature"] for s in metadata["stages"]] == ["class_map_1", "class_map_2", None]
+    from ai_edge_litert.interpreter import Interpreter
+    signatures = Interpreter(model_path=str(path)).get_signature_list()
+    assert sorted(signatures) == ["class_map_1", "class_map_2", "stage_1", "stage_2", "stage_3"]
+    # Early stages hand on coarse logits, not a class map: the upsampling waits for an exit.
+    assert sorted(signatures["stage_1"]["outputs"]) == sorted(["block_2_add", export.COARSE_LOGITS, export.CONFIDENCE])
+    assert sorted(signatures["stage_3"]["outputs"]) == [export.CLASS_MAP]
     assert [s["exit_id"] for s in metadata["stages"]] == config.exit_ids
     assert metadata["stages"][1]["inputs"] == ["block_2_add"]
     assert metadata["stages"][1]["features"] == ["block_6_project_BN"]
@@ -152,6 +169,7 @@ def test_budgeted_model_is_truncated_after_its_exit(tiny_net):
     config = deployment.DeploymentConfig("budgeted", [deployment.ExitChoice("block_2_add", "fcn_w16_b0")])
     model_bytes, stages = export.build_model(tiny_net, config, "float32")
     assert [s.exit_id for s in stages] == [EXITS[0]] and stages[0].features == ()
+    assert stages[0].class_map_signature is None  # its one exit is always taken: it returns the map itself
     full, _ = export.build_model(tiny_net, dynamic_config(tiny_net), "float32")
     assert len(model_bytes) < 0.5 * len(full)  # the rest of the backbone and the heads are gone
 
@@ -166,6 +184,11 @@ def test_int8_stages_hand_off_int8_feature_maps_with_equal_scales(tiny_net):
     assert first["dtype"] == second["dtype"] == np.int8
     assert first["quantization"][1] == second["quantization"][1]
     np.testing.assert_allclose(first["quantization"][0], second["quantization"][0], rtol=export.SCALE_RTOL)
+    # An early exit's coarse logits go to its class-map signature as they are, too.
+    coarse = interpreter.get_signature_runner("stage_1").get_output_details()[export.COARSE_LOGITS]
+    read = interpreter.get_signature_runner("class_map_1").get_input_details()[export.COARSE_LOGITS]
+    assert coarse["dtype"] == read["dtype"] == np.int8 and coarse["quantization"][1] == read["quantization"][1]
+    np.testing.assert_allclose(coarse["quantization"][0], read["quantization"][0], rtol=export.SCALE_RTOL)
     # The check fails loudly on stages that do not chain.
     with pytest.raises(ValueError, match="int8 hand-off -> stage_3: feature map 'block_6_project_BN' is not an output"):
         export.check_int8_handoff(model_bytes, [stages[0], stages[2]])

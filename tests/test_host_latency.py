@@ -135,13 +135,14 @@ def test_composition_errors_arithmetic():
     entry = lambda ms: PartLatency(ms, ms, 10)  # noqa: E731
     table = LatencyTable(TableKey("host:x86_64", "float32", 1, (16, 16)), ("p1", "p2"),
                          segments={"p1": entry(2.0), "p2": entry(3.0)}, heads={"p1:fcn": entry(1.0)},
-                         final_head=entry(4.0))
+                         final_head=entry(4.0), class_maps={"p1": entry(0.5)})
     measured = lambda ms: Timing(ms, ms, ms, ms, ms, 0.0, 10)  # noqa: E731
     checks, median = host.composition_errors(table, [
-        ("budgeted", DeploymentConfig("budgeted", [ExitChoice("p1", "fcn")]), measured(2.5)),  # composed 3.0
+        ("budgeted", DeploymentConfig("budgeted", [ExitChoice("p1", "fcn")]), measured(4.375)),  # composed 3.5
+        # run to the final exit: exit p1's class map is not computed.
         ("dynamic", DeploymentConfig("dynamic", [ExitChoice("p1", "fcn")]), measured(10.0)),  # composed 10.0
         ("baseline", DeploymentConfig("budgeted"), measured(10.0)),  # composed 9.0
     ])
-    assert [c.composed_ms for c in checks] == [3.0, 10.0, 9.0]
+    assert [c.composed_ms for c in checks] == [3.5, 10.0, 9.0]
     assert [c.error for c in checks] == pytest.approx([0.2, 0.0, 0.1])
     assert median == pytest.approx(0.1)

@@ -21,7 +21,8 @@ def _full_table():
         KEY, POSITIONS,
         segments={"p1": _entry(2.0, 1000), "p2": _entry(3.0, 2000), "p3": _entry(5.0, 4000)},
         heads={"p1:fcn": _entry(0.5, 100), "p2:fcn": _entry(1.0, 200)},
-        final_head=_entry(4.0, 3000), metadata={"tool": "test"})
+        final_head=_entry(4.0, 3000), metadata={"tool": "test"},
+        class_maps={"p1": _entry(0.25), "p2": _entry(0.4)})
 
 
 def test_timing_from_samples_statistics():
@@ -34,7 +35,8 @@ def test_timing_from_samples_statistics():
 
 
 def test_part_keys_round_trip_and_reject_garbage():
-    for kind, name in (("segment", "block_3_add"), ("head", "block_3_add:fcn_w64_b1"), ("final_head", None)):
+    for kind, name in (("segment", "block_3_add"), ("head", "block_3_add:fcn_w64_b1"), ("class_map", "block_3_add"),
+                       ("final_head", None)):
         assert table_lib.parse_part_key(table_lib.part_key(kind, name)) == (kind, name)
     with pytest.raises(ValueError, match="part key"):
         table_lib.parse_part_key("backbone:p1")
@@ -52,14 +54,15 @@ def test_save_load_round_trip(tmp_path):
 def test_composition_matches_hand_arithmetic():
     table = _full_table()
     dynamic = DeploymentConfig("dynamic", [ExitChoice("p1", "fcn"), ExitChoice("p2", "fcn")])
-    # exit p1: 2 + 0.5; exit p2: 2 + 3 + 0.5 + 1; final: 2 + 3 + 5 + 0.5 + 1 + 4.
-    costs = [2.5, 6.5, 15.5]
+    # exit p1: 2 + 0.5 + its class map 0.25; exit p2: 2 + 3 + 0.5 + 1 + its class map 0.4;
+    # final: 2 + 3 + 5 + 0.5 + 1 + 4 (the early exits passed compute no class map).
+    costs = [2.75, 6.9, 15.5]
     fractions = [0.5, 0.3, 0.2]
     assert table.expected_latency(dynamic, fractions) == pytest.approx(np.dot(fractions, costs))
     assert table.worst_latency(dynamic) == pytest.approx(15.5)
     assert table.worst_latency(dynamic, stat="p90") == pytest.approx(15.5 * 1.5)
     budgeted = DeploymentConfig("budgeted", [ExitChoice("p2", "fcn")])
-    assert table.worst_latency(budgeted) == pytest.approx(6.0)
+    assert table.worst_latency(budgeted) == pytest.approx(6.4)
     assert table.cost_table().unit == "ms"
     with pytest.raises(ValueError, match="stat must be"):
         table.cost_table("mean")
@@ -69,6 +72,11 @@ def test_incomplete_table_cannot_compose():
     table = LatencyTable(KEY, POSITIONS, segments={"p1": _entry(1.0)})
     with pytest.raises(ValueError, match=r"incomplete: segments \['p2', 'p3'\] and the final head"):
         table.cost_table()
+    without_class_map = _full_table()
+    del without_class_map.class_maps["p2"]
+    assert without_class_map.worst_latency(DeploymentConfig("budgeted")) == pytest.approx(14.0)
+    with pytest.raises(ValueError, match="no class-map cost at position 'p2' \\(exit 'p2:fcn'\\)"):
+        without_class_map.worst_latency(DeploymentConfig("budgeted", [ExitChoice("p2", "fcn")]))
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -78,7 +86,9 @@ def test_incomplete_table_cannot_compose():
     (lambda d: d["key"].update(threads="2"), "threads must be a positive integer"),
     (lambda d: d["segments"]["p1"].update(median_ms="fast"), "segment:p1.*median_ms must be a non-negative number"),
     (lambda d: d["segments"]["p1"].update(runs=0), "runs must be a positive integer"),
-    (lambda d: d["segments"].update(p9=d["segments"]["p1"]), r"segments \['p9'\] are not among the positions"),
+    (lambda d: d["segments"].update(p9=d["segments"]["p1"]), r"segment entries \['p9'\] are not among the positions"),
+    (lambda d: d["class_maps"].update(p9=d["segments"]["p1"]), r"class_map entries \['p9'\] are not among"),
+    (lambda d: d.update(version=1), "a version 1 table timed heads with their full-resolution logits"),
     (lambda d: d.update(heads=[]), "heads must be an object"),
 ])
 def test_load_rejects_bad_files_naming_them(tmp_path, mutate, message):
@@ -134,8 +144,13 @@ def test_fill_table_keeps_finished_parts_and_resumes(tmp_path):
     assert table.final_head.macs == 77 and table.segments["p1"].median_ms == 2.0
     assert LatencyTable.load(path) == table
     elsewhere = LatencyTable(TableKey("host:x86_64", "float32", 2, (64, 96)), POSITIONS)
-    with pytest.raises(ValueError, match="different latency table"):
+    with pytest.raises(ValueError, match="cannot resume from .*different keys.*move it away"):
         table_lib.fill_table(path, elsewhere, parts, works)
+    old = table.to_dict()
+    old["version"] = 1
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="cannot resume from .*version 1 table timed heads.*move it away"):
+        table_lib.fill_table(path, empty, parts, works)
 
 
 def test_part_manifest_round_trip_and_missing_model(tmp_path):

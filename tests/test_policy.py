@@ -22,7 +22,8 @@ def _structured_logits(seed, batch=2, size=(24, 20)):
 
 
 @pytest.mark.parametrize("cfg", [policy.PolicyConfig(), policy.PolicyConfig("entropy"),
-                                 policy.PolicyConfig(edge_smoothing=False)])
+                                 policy.PolicyConfig(edge_smoothing=False),
+                                 policy.PolicyConfig(edge_radius_per_stride=1.5)])  # a 5x5 median window
 @pytest.mark.parametrize("stride", [8, 16, 32])
 def test_numpy_and_tf_agree(cfg, stride):
     logits = _structured_logits(stride)
@@ -36,6 +37,18 @@ def test_numpy_and_tf_agree(cfg, stride):
             assert fraction == policy.image_confidence(logits[b], th, stride, cfg)
             got = policy.image_confidence_tf(tf.constant(logits[b:b + 1]), th, stride, cfg).numpy()[0]
             assert abs(got - fraction) < 1e-6
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 9, 12])
+def test_the_median_filters_sorting_network_sorts_every_input(n):
+    # 0-1 principle: a comparator network that sorts every 0/1 sequence sorts every sequence.
+    pairs = policy._sorting_network(n)
+    assert all(i < j < n for i, j in pairs)
+    for bits in range(2 ** n):
+        values = [(bits >> k) & 1 for k in range(n)]
+        for i, j in pairs:
+            values[i], values[j] = min(values[i], values[j]), max(values[i], values[j])
+        assert values == sorted(values), (n, bits)
 
 
 def test_smoothing_changes_edge_pixels_only():

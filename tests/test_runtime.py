@@ -62,6 +62,24 @@ def test_dynamic_stops_at_the_first_confident_exit(float_model):
         float_model.run(image, "dynamic", th_img=[0.5])
 
 
+def test_only_the_exit_taken_computes_its_class_map(float_model, monkeypatch):
+    image = images(1, seed=5)[0]
+    runs = []
+
+    def counting(k, runner):
+        def run(**inputs):
+            runs.append(k)
+            return runner(**inputs)
+        return run
+
+    monkeypatch.setattr(float_model, "_class_map_runners",
+                        [runner and counting(k, runner) for k, runner in enumerate(float_model._class_map_runners)])
+    assert float_model.run(image, "dynamic", th_img=[1.1, 1.1]).exit_index == 2 and runs == []  # final stage's own map
+    assert float_model.run(image, "dynamic", th_img=[1.1, 0.0]).exit_index == 1 and runs == [1]
+    assert float_model.run(image, "budgeted", exit_index=0).exit_index == 0 and runs == [1, 0]
+    assert len(list(float_model.anytime(image))) == 3 and runs == [1, 0, 0, 1]
+
+
 def test_anytime_deadline_returns_the_latest_map_in_time(float_model):
     image = images(1, seed=6)[0]
     full = float_model.run(image, "anytime")

@@ -14,7 +14,8 @@ TH_PIX = (0.4, 0.6, 0.8)
 TH_IMG = (0.3, 0.6, 0.9)
 COSTS = CostTable(POSITIONS, {"b1": 2.0, "b2": 3.0, "b3": 4.0, "out": 5.0},
                   {e: (0.5 if e.endswith("w0_b0") else 1.0) * (1 + POSITIONS.index(e.split(":")[0]) / 4)
-                   for e in EXITS}, final_head=3.0, unit="ms")
+                   for e in EXITS}, final_head=3.0, unit="ms",
+                  class_map={"b1": 0.7, "b2": 0.6, "b3": 0.5})  # paid only by the images leaving there
 
 
 def _synthetic(seed=0):

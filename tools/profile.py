@@ -67,6 +67,8 @@ def _part_macs(net):
                                      sorted({p for p, _ in pairs}), backbone=net.backbone)
     macs = {table_lib.part_key(table_lib.SEGMENT, k): v.macs for k, v in costs.segments.items()}
     macs.update({table_lib.part_key(table_lib.HEAD, e): costs.heads[e].macs for e in net.exit_ids})
+    # Upsampling and argmax are free in the MAC count (latency/macs.py).
+    macs.update({table_lib.part_key(table_lib.CLASS_MAP, p): 0 for p, _ in pairs})
     macs[table_lib.FINAL_HEAD] = costs.final_head.macs
     return macs
 

@@ -4,15 +4,20 @@ A network is cut at its candidate positions p_1..p_K (backbone block outputs, in
 segment i runs the backbone from p_{i-1} (the input for i=1) to p_i, and p_K is the backbone
 output that the final head reads. A configuration's cost is then arithmetic over parts:
 
-  * an image that leaves at early exit k paid for the segments up to that exit's position and
-    for the heads of every exit it passed (their confidence was computed and was too low);
-  * an image that reaches the final exit paid for every segment, every early head and the final head;
-  * a budgeted (truncated) configuration pays the segments up to its one exit plus that head.
+  * an image that leaves at early exit k paid for the segments up to that exit's position, for
+    the heads of every exit it passed (their confidence was computed and was too low) and for exit
+    k's class map (upsampling its logits to the input size and the argmax), which a staged model
+    computes only for the exit an image leaves at;
+  * an image that reaches the final exit paid for every segment, every early head and the final
+    head (its class map included);
+  * a budgeted (truncated) configuration pays the segments up to its one exit, that head and its
+    class map.
 
 The same arithmetic serves latency tables (ms, measured per device) and the analytic cost model
 (MACs), so it lives in one place and the search, the latency tables and the reports share it.
 """
 import dataclasses
+from typing import Optional
 
 import numpy as np
 
@@ -26,9 +31,13 @@ class CostTable:
     Attributes:
       positions: candidate position names in depth order; the last is the backbone output.
       segment: position name -> cost of the backbone segment ending at that position.
-      head: exit id (`position:head_id`) -> cost of that exit head.
-      final_head: cost of the final (DeepLab) head.
+      head: exit id (`position:head_id`) -> cost of that exit head up to its image confidence,
+        paid at every exit an image reaches.
+      final_head: cost of the final (DeepLab) head, class map included.
       unit: "ms" or "MACs".
+      class_map: position name -> cost of the class map of an exit there (from its coarse logits),
+        paid only by the images that leave there; None where the unit has no such part (MACs:
+        the head's count already holds the upsampling).
     """
 
     positions: tuple
@@ -36,6 +45,7 @@ class CostTable:
     head: dict
     final_head: float
     unit: str
+    class_map: Optional[dict] = None
 
     def __post_init__(self):
         object.__setattr__(self, "positions", tuple(self.positions))
@@ -56,6 +66,15 @@ class CostTable:
         except KeyError:
             raise ValueError(f"cost table has no head cost for exit {exit_id!r}") from None
 
+    def class_map_cost(self, exit_id):
+        """Cost of exit `exit_id`'s class map, paid only by the images leaving there."""
+        if self.class_map is None:
+            return 0.0
+        position = exit_id.rpartition(":")[0]
+        if position not in self.class_map:
+            raise ValueError(f"cost table has no class-map cost at position {position!r} (exit {exit_id!r})")
+        return float(self.class_map[position])
+
     def exit_costs(self, config):
         """Cost paid by an image leaving at each exit of `config`, aligned with config.exit_ids.
 
@@ -64,7 +83,7 @@ class CostTable:
         costs, heads_so_far = [], 0.0
         for choice in config.exits:
             heads_so_far += self.head_cost(choice.exit_id)
-            costs.append(self.backbone_to(choice.position) + heads_so_far)
+            costs.append(self.backbone_to(choice.position) + heads_so_far + self.class_map_cost(choice.exit_id))
         if config.exit_ids[-1] == FINAL_EXIT:
             costs.append(self.backbone_to(self.positions[-1]) + heads_so_far + self.final_head)
         return np.asarray(costs, dtype=np.float64)

@@ -1,13 +1,15 @@
 """Per-device latency look-up tables: the measured cost of every part of a network.
 
 A LatencyTable holds, for one (device, precision, threads, input size), the latency of each
-backbone segment (keyed by the candidate position it ends at), each exit head (keyed by exit id
-`position:head_id`) and the final head, each with its median and p90 over repeated timed runs
-after warm-up, plus its MACs. A configuration's latency is composed from it with the same
+backbone segment (keyed by the candidate position it ends at), each exit head up to its image
+confidence (keyed by exit id `position:head_id`), the class map of an exit at each position
+(upsampling the coarse logits and the argmax: the same for every head there), and the final head, each with its median and p90 over repeated timed runs after warm-up, plus its MACs. Heads
+and class maps are apart because a staged model computes an exit's class map only for the
+images that leave there (export.py). A configuration's latency is composed from it with the same
 arithmetic as the MAC cost model (costs.CostTable).
 
 Parts are named by part keys, the names model files and progress logs use:
-  `segment:<position>`, `head:<position>:<head_id>`, `final_head`.
+  `segment:<position>`, `head:<position>:<head_id>`, `class_map:<position>`, `final_head`.
 
 Measuring is slow (on a phone, minutes per part), so `fill_table` saves the table after every
 measured part and skips the parts an earlier, interrupted run already measured.
@@ -23,10 +25,13 @@ import numpy as np
 from mess_tf import io_utils
 from mess_tf.latency.costs import CostTable
 
-TABLE_VERSION = 1
+# 2: heads end at their image confidence, class maps are parts of their own (1 timed heads
+# with their full-resolution logits).
+TABLE_VERSION = 2
 PRECISIONS = ("float32", "float16", "int8")
 STATS = ("median", "p90")
-SEGMENT, HEAD, FINAL_HEAD = "segment", "head", "final_head"
+SEGMENT, HEAD, CLASS_MAP, FINAL_HEAD = "segment", "head", "class_map", "final_head"
+_NAMED_KINDS = (SEGMENT, HEAD, CLASS_MAP)
 # How p90_ms was obtained: from per-run times, or (for tools that print no p90) the tool's p95,
 # or mean + 1.2816 std (the 90th percentile of a normal distribution) when only avg/std exist.
 P90_METHODS = ("exact", "p95", "normal")
@@ -35,22 +40,23 @@ _Z90 = 1.2816
 
 def part_key(kind, name=None):
     """The key of a part: part_key("segment", "block_3_add"), part_key("head", "block_3_add:fcn_w64_b1"),
-    part_key("final_head")."""
+    part_key("class_map", "block_3_add"), part_key("final_head")."""
     if kind == FINAL_HEAD:
         return FINAL_HEAD
-    if kind not in (SEGMENT, HEAD) or not name:
-        raise ValueError(f"part kind must be {SEGMENT!r} or {HEAD!r} with a name, or {FINAL_HEAD!r}; "
+    if kind not in _NAMED_KINDS or not name:
+        raise ValueError(f"part kind must be one of {_NAMED_KINDS} with a name, or {FINAL_HEAD!r}; "
                          f"got {kind!r}, {name!r}")
     return f"{kind}:{name}"
 
 
 def parse_part_key(key):
-    """`segment:<position>` | `head:<exit id>` | `final_head` -> (kind, name or None)."""
+    """`segment:<position>` | `head:<exit id>` | `class_map:<position>` | `final_head` -> (kind, name or None)."""
     if key == FINAL_HEAD:
         return FINAL_HEAD, None
     kind, sep, name = key.partition(":")
-    if not sep or kind not in (SEGMENT, HEAD) or not name:
-        raise ValueError(f"part key {key!r} is not 'segment:<position>', 'head:<position>:<head_id>' or 'final_head'")
+    if not sep or kind not in _NAMED_KINDS or not name:
+        raise ValueError(f"part key {key!r} is not 'segment:<position>', 'head:<position>:<head_id>', "
+                         f"'class_map:<position>' or 'final_head'")
     return kind, name
 
 
@@ -148,8 +154,11 @@ class LatencyTable:
       key: TableKey.
       positions: candidate position names in depth order; the last is the backbone output.
       segments: position name -> PartLatency of the backbone segment ending there.
-      heads: exit id -> PartLatency.
-      final_head: PartLatency of the final head, or None until measured.
+      heads: exit id -> PartLatency of the head, from the position's features to its image
+        confidence (and coarse logits).
+      class_maps: position name -> PartLatency of the class map of an exit there, from its coarse
+        logits.
+      final_head: PartLatency of the final head (class map included), or None until measured.
       metadata: date, tool, runtime version, notes (JSON-serialisable).
     """
 
@@ -159,14 +168,16 @@ class LatencyTable:
     heads: dict = dataclasses.field(default_factory=dict)
     final_head: Optional[PartLatency] = None
     metadata: dict = dataclasses.field(default_factory=dict)
+    class_maps: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self.positions = tuple(self.positions)
         if not self.positions:
             raise ValueError("a latency table needs at least one position")
-        unknown = set(self.segments) - set(self.positions)
-        if unknown:
-            raise ValueError(f"segments {sorted(unknown)} are not among the positions {list(self.positions)}")
+        for kind, entries in ((SEGMENT, self.segments), (CLASS_MAP, self.class_maps)):
+            unknown = set(entries) - set(self.positions)
+            if unknown:
+                raise ValueError(f"{kind} entries {sorted(unknown)} are not among the positions {list(self.positions)}")
         self.metadata.setdefault("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
     # ---- entries by part key --------------------------------------------------------------
@@ -176,35 +187,37 @@ class LatencyTable:
         kind, name = parse_part_key(key)
         if kind == FINAL_HEAD:
             return self.final_head
-        return (self.segments if kind == SEGMENT else self.heads).get(name)
+        return self._entries(kind).get(name)
+
+    def _entries(self, kind):
+        return {SEGMENT: self.segments, HEAD: self.heads, CLASS_MAP: self.class_maps}[kind]
 
     def set(self, key, entry):
         """Records the PartLatency of part `key` (replacing an earlier one)."""
         kind, name = parse_part_key(key)
         if kind == FINAL_HEAD:
             self.final_head = entry
-        elif kind == SEGMENT:
-            if name not in self.positions:
-                raise ValueError(f"segment {name!r} is not among the positions {list(self.positions)}")
-            self.segments[name] = entry
         else:
-            self.heads[name] = entry
+            if kind in (SEGMENT, CLASS_MAP) and name not in self.positions:
+                raise ValueError(f"{kind} {name!r} is not among the positions {list(self.positions)}")
+            self._entries(kind)[name] = entry
 
     def part_keys(self):
         """Keys of the measured parts, segments in depth order first."""
         keys = [part_key(SEGMENT, p) for p in self.positions if p in self.segments]
         keys += [part_key(HEAD, h) for h in self.heads]
+        keys += [part_key(CLASS_MAP, p) for p in self.positions if p in self.class_maps]
         return keys + ([FINAL_HEAD] if self.final_head is not None else [])
 
     def depth_order(self, key):
-        """Sort key putting parts in network order: segments by depth, then heads by the depth
-        of their position, then the final head."""
+        """Sort key putting parts in network order: segments by depth, then heads and class maps
+        by the depth of their position, then the final head."""
         kind, name = parse_part_key(key)
         if kind == FINAL_HEAD:
-            return (2, len(self.positions), "")
-        position = name if kind == SEGMENT else name.rpartition(":")[0]
+            return (2, len(self.positions), "", 0)
+        position = name if kind in (SEGMENT, CLASS_MAP) else name.rpartition(":")[0]
         depth = self.positions.index(position) if position in self.positions else len(self.positions)
-        return (0 if kind == SEGMENT else 1, depth, name)
+        return (0 if kind == SEGMENT else 1, depth, name, kind == CLASS_MAP)
 
     def missing(self, keys):
         """The keys among `keys` not measured yet, in the given order."""
@@ -218,7 +231,7 @@ class LatencyTable:
         """
         self._check_compatible(other, "merge")
         merged = LatencyTable(self.key, self.positions, dict(self.segments), dict(self.heads),
-                              self.final_head, {**self.metadata, **other.metadata})
+                              self.final_head, {**self.metadata, **other.metadata}, dict(self.class_maps))
         for key in other.part_keys():
             merged.set(key, other.get(key))
         return merged
@@ -235,7 +248,8 @@ class LatencyTable:
     def cost_table(self, stat="median"):
         """The latencies (ms) as a CostTable; `stat` is "median" or "p90".
 
-        Raises ValueError naming the parts not measured yet.
+        Raises ValueError naming the parts not measured yet (composing an exit whose head or class
+        map is not measured raises later, naming it).
         """
         missing = [p for p in self.positions if p not in self.segments]
         if missing or self.final_head is None:
@@ -244,7 +258,8 @@ class LatencyTable:
         return CostTable(positions=self.positions,
                          segment={p: e.stat(stat) for p, e in self.segments.items()},
                          head={h: e.stat(stat) for h, e in self.heads.items()},
-                         final_head=self.final_head.stat(stat), unit="ms")
+                         final_head=self.final_head.stat(stat), unit="ms",
+                         class_map={h: e.stat(stat) for h, e in self.class_maps.items()})
 
     def expected_latency(self, config, exit_fractions, stat="median"):
         """Expected latency per image (ms) of a DeploymentConfig for a distribution over
@@ -265,6 +280,7 @@ class LatencyTable:
             "positions": list(self.positions),
             "segments": {p: entry(self.segments[p]) for p in self.positions if p in self.segments},
             "heads": {h: entry(e) for h, e in self.heads.items()},
+            "class_maps": {p: entry(self.class_maps[p]) for p in self.positions if p in self.class_maps},
             "final_head": None if self.final_head is None else entry(self.final_head),
             "metadata": self.metadata,
         }
@@ -310,14 +326,15 @@ def _table_from_dict(d):
     if not isinstance(d, dict):
         raise ValueError(f"expected a JSON object, got {type(d).__name__}")
     if d.get("version") != TABLE_VERSION:
-        raise ValueError(f"version {d.get('version')!r} is not supported (expected {TABLE_VERSION})")
+        raise ValueError(f"version {d.get('version')!r} is not supported (expected {TABLE_VERSION}; a version 1 "
+                         f"table timed heads with their full-resolution logits: profile the network again)")
     key = d["key"]
     if not isinstance(key, dict):
         raise ValueError(f"key must be an object, got {type(key).__name__}")
     for name in ("positions",):
         if not isinstance(d[name], list) or not all(isinstance(p, str) for p in d[name]):
             raise ValueError(f"{name} must be a list of position names")
-    for name in ("segments", "heads", "metadata"):
+    for name in ("segments", "heads", "class_maps", "metadata"):
         if not isinstance(d[name], dict):
             raise ValueError(f"{name} must be an object, got {type(d[name]).__name__}")
     final = d["final_head"]
@@ -327,7 +344,8 @@ def _table_from_dict(d):
         segments={p: _entry_from_dict(f"segment:{p}", e) for p, e in d["segments"].items()},
         heads={h: _entry_from_dict(f"head:{h}", e) for h, e in d["heads"].items()},
         final_head=None if final is None else _entry_from_dict(FINAL_HEAD, final),
-        metadata=dict(d["metadata"]))
+        metadata=dict(d["metadata"]),
+        class_maps={p: _entry_from_dict(f"class_map:{p}", e) for p, e in d["class_maps"].items()})
 
 
 def resume(path, table):
@@ -335,11 +353,11 @@ def resume(path, table):
     with `table`'s metadata added; otherwise `table`."""
     if not os.path.exists(path):
         return table
-    saved = LatencyTable.load(path)
     try:
+        saved = LatencyTable.load(path)
         table._check_compatible(saved, "resume")  # pylint: disable=protected-access
     except ValueError as e:
-        raise ValueError(f"{path} holds a different latency table; move it away or pick another output ({e})") from None
+        raise ValueError(f"cannot resume from {path}: {e}; move it away or pick another output") from None
     return saved.merge(LatencyTable(table.key, table.positions, metadata=dict(table.metadata)))
 
 
