@@ -7,6 +7,10 @@ exits and heavier heads are more accurate and more confident, hard images are le
 less accurate everywhere. Costs are in ms and grow with depth.
 
     python bench/search_speed.py [--images=300] [--positions=16] [--max_exits=3] [--workers=2]
+                                 [--time_limit_s=S] [--objectives=max_miou,min_cost,pareto]
+
+With --time_limit_s each search stops after S seconds; its row then says complete=False and its
+answer is the best found, not proven best.
 
 Prints a table, writes bench/results/search_speed.json, and prints, last, a JSON line with
 `configurations`, `seconds` and `configurations_per_second`.
@@ -71,6 +75,8 @@ def main():
     parser.add_argument("--positions", type=int, default=16)
     parser.add_argument("--max_exits", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--time_limit_s", type=float, default=None)
+    parser.add_argument("--objectives", default="max_miou,min_cost,pareto")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                           "results", "search_speed.json"))
     args = parser.parse_args()
@@ -78,26 +84,30 @@ def main():
     th_img = np.linspace(0.5, 0.95, 10)
     final_ms = costs.backbone_to(costs.positions[-1]) + costs.final_head
     runs = [("max_miou", {"budget": 0.6 * final_ms}), ("min_cost", {"max_drop_pp": 1.0}), ("pareto", {})]
+    runs = [(objective, kwargs) for objective, kwargs in runs if objective in args.objectives.split(",")]
     rows = []
     for objective, kwargs in runs:
         outcome = search.search(cache, costs, th_img, objective, max_exits=args.max_exits, workers=args.workers,
-                                **kwargs)
+                                time_limit_s=args.time_limit_s, **kwargs)
         answer = outcome.best or max(outcome.front, key=lambda r: r.miou)
         rows.append({"objective": objective, **kwargs, "configurations": outcome.space_size,
-                     "evaluated": outcome.evaluated, "seconds": outcome.seconds,
+                     "evaluated": outcome.evaluated, "seconds": outcome.seconds, "complete": outcome.complete,
+                     "exact_exits": outcome.exact_exits,
                      "configurations_per_second": outcome.space_size / outcome.seconds,
                      "miou": answer.miou, "expected_ms": answer.expected_cost, "front_size": len(outcome.front)})
     print(f"{'objective':10} {'configurations':>15} {'evaluated':>11} {'seconds':>8} {'configs/s':>10} "
-          f"{'mIoU':>6} {'exp. ms':>8}")
+          f"{'mIoU':>6} {'exp. ms':>8} {'complete':>8}")
     for r in rows:
         print(f"{r['objective']:10} {r['configurations']:15.3e} {r['evaluated']:11d} {r['seconds']:8.2f} "
-              f"{r['configurations_per_second']:10.3e} {100 * r['miou']:6.2f} {r['expected_ms']:8.2f}")
-    total = {"configurations": rows[0]["configurations"], "seconds": sum(r["seconds"] for r in rows)}
+              f"{r['configurations_per_second']:10.3e} {100 * r['miou']:6.2f} {r['expected_ms']:8.2f} "
+              f"{str(r['complete']):>8}")
+    total = {"configurations": rows[0]["configurations"], "seconds": sum(r["seconds"] for r in rows),
+             "complete": all(r["complete"] for r in rows)}
     total["configurations_per_second"] = total["configurations"] * len(rows) / total["seconds"]
     io_utils.write_json(args.output, {"space": {"positions": args.positions, "heads": len(HEADS),
                                                 "max_exits": args.max_exits, "th_grid": [10, 10],
                                                 "images": args.images, "classes": CLASSES},
-                                      "workers": args.workers, "runs": rows, "total": total})
+                                      "workers": args.workers, "time_limit_s": args.time_limit_s, "runs": rows, "total": total})
     print(json.dumps(total))
 
 

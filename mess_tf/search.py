@@ -31,6 +31,11 @@ evaluating far fewer configurations than the space holds:
   * every exit's masks are evaluated at once as matrix products over images; the root's children
     are shared between processes (`workers`), which share their incumbent's mIoU or cost.
 `brute_force` enumerates the declared space plainly (and `select` picks from it); tests/test_search.py proves both agree.
+
+Large spaces (3 exits over dozens of positions and heads) can outlast a user's patience: with
+`time_limit_s` the search deepens one early exit at a time, so when it stops it returns an answer
+that is exact over the configurations with fewer exits (`SearchOutcome.exact_exits`) and the best
+found beyond.
 """
 import dataclasses
 import itertools
@@ -102,6 +107,10 @@ class SearchOutcome:
       space_size: configurations in the declared space.
       evaluated: configurations whose mIoU was computed (distinct masks, after pruning).
       seconds: wall time.
+      complete: True if the whole space was searched, so `best`/`front` are exact; False if the
+        time limit stopped it first: they are then the best found, not proven best.
+      exact_exits: the answer is exact over the configurations with at most this many early
+        exits (max_exits when complete).
     """
 
     best: object
@@ -110,6 +119,8 @@ class SearchOutcome:
     space_size: int
     evaluated: int
     seconds: float
+    complete: bool = True
+    exact_exits: int = None
 
 
 # ---- the problem, as arrays -------------------------------------------------------------------
@@ -371,9 +382,10 @@ class _BranchAndBound:
         multiplier on a grid is kept per prefix and reused for its children's bounds.
     """
 
-    def __init__(self, problem, objective, max_exits):
+    def __init__(self, problem, objective, max_exits, deadline=None):
         p = self.p = problem
         self.objective, self.max_exits = objective, max_exits
+        self.deadline, self.stopped = deadline, False  # time.monotonic() after which to stop
         c, n_exits, n = problem.gt.size, len(problem.exit_ids), problem.num_images
         self.delta = p.counts[:-1] - p.counts[-1]            # [J, N, 2C] vs leaving at the final exit
         self.exit_cost = p.reach + p.head + p.class_map       # [J] paid when leaving there (+ earlier heads)
@@ -481,15 +493,21 @@ class _BranchAndBound:
 
     # -- search --
 
-    def run(self, share=(0, 1)):
-        """Searches every configuration; with `share` (w, W) only the root's children w, w + W, ...
-        (best first) are expanded. `root_evaluated`: configurations evaluated at the root."""
+    def run(self, share=(0, 1), progress=None):
+        """Searches every configuration (every one-exit configuration is offered at the root);
+        with `share` (w, W) only the root's children w, w + W, ... (best first) are expanded.
+        `progress(done, total)` follows the expanded children. `root_evaluated`: configurations
+        evaluated at the root."""
         p = self.p
         root = _Node([], np.ones(p.num_images, bool), p.counts[-1].sum(0), 0.0, 0.0, 0)
-        children = self._children(root, *self._bounds(root)[:3])
+        children = self._children(root, *self._bounds(root)[:3])[share[0]::share[1]]
         self.root_evaluated = self.evaluated
-        for child in children[share[0]::share[1]]:
+        for done, child in enumerate(children):
+            if progress:
+                progress(done, len(children))
             self._expand(child)
+        if progress:
+            progress(len(children), len(children))
 
     def _bounds(self, node):
         """(base, value, lambda, ub, lb): the node's linearisation and bounds."""
@@ -497,7 +515,9 @@ class _BranchAndBound:
         return (base, value) + self._node_bound(node, base, value)
 
     def _expand(self, node):
-        if node.first == len(self.p.exit_ids):
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.stopped = True
+        if node.first == len(self.p.exit_ids) or self.stopped:
             return
         base, value, lam, ub, lb = self._bounds(node)
         if self.objective.prunes(ub, lb):
@@ -587,40 +607,61 @@ _SHARED = {}
 
 
 def _worker(share):
-    """Runs in a forked process: one share of the root's children."""
+    """Runs in a forked process: one share of the root's children; reports its progress in its
+    slots of the shared arrays."""
     problem, objective, max_exits = _SHARED["problem"], _SHARED["objective"], _SHARED["max_exits"]
-    search = _BranchAndBound(problem, objective, max_exits)
-    search.run(share)
+    done, total = _SHARED["done"], _SHARED["total"]
+    search = _BranchAndBound(problem, objective, max_exits, _SHARED["deadline"])
+
+    def progress(d, t):
+        done[share[0]], total[share[0]] = d, t
+
+    search.run(share, progress)
     objective.share(None)  # the shared value stays behind; the incumbent itself goes back
-    return objective, search.evaluated, search.root_evaluated
+    return objective, search.evaluated, search.root_evaluated, search.stopped
 
 
-def _run_dynamic(problem, objective, max_exits, workers):
+_POLL_S = 0.5  # how often the parent reports its workers' progress
+
+
+def _run_dynamic(problem, objective, max_exits, workers, deadline, progress):
     """Branch and bound with the root's children split round-robin between `workers` processes
-    that share their incumbent's mIoU or cost."""
+    that share their incumbent's mIoU or cost.
+
+    Returns:
+      (configurations evaluated, whether the deadline stopped the search).
+    """
     if workers <= 1 or len(problem.exit_ids) <= 1:
-        search = _BranchAndBound(problem, objective, max_exits)
-        search.run()
-        return search.evaluated
+        search = _BranchAndBound(problem, objective, max_exits, deadline)
+        search.run(progress=progress)
+        return search.evaluated, search.stopped
     context = multiprocessing.get_context("fork")
     if objective.kind != "pareto":
         bar = objective._bar()
         objective.share(context.RawValue("d", np.nan if bar is None else bar))
-    _SHARED.update(problem=problem, objective=objective, max_exits=max_exits)
+    done, total = context.RawArray("l", workers), context.RawArray("l", workers)
+    _SHARED.update(problem=problem, objective=objective, max_exits=max_exits, deadline=deadline, done=done,
+                   total=total)
     try:
         with context.Pool(workers) as pool:
-            results = pool.map(_worker, [(w, workers) for w in range(workers)])
+            pending = pool.map_async(_worker, [(w, workers) for w in range(workers)])
+            while not pending.ready():
+                pending.wait(_POLL_S)
+                if progress and all(total):
+                    progress(sum(done), sum(total))
+            results = pending.get()
     finally:
         _SHARED.clear()
         objective.share(None)
-    for other, _, _ in results:
+    for other, *_ in results:
         objective.merge(other)
     # Every worker evaluates the root's children: count them once.
-    return sum(evaluated for _, evaluated, _ in results) - (workers - 1) * results[0][2]
+    evaluated = sum(r[1] for r in results) - (workers - 1) * results[0][2]
+    return evaluated, any(r[3] for r in results)
 
 
 def search(cache, costs, th_img_grid, objective, budget=None, max_drop_pp=None, mode="dynamic",
-           max_exits=3, allowed_exits=None, workers=2):
+           max_exits=3, allowed_exits=None, workers=2, time_limit_s=None, progress=None):
     """Finds the best configuration (or the Pareto front) in the declared space.
 
     Args:
@@ -633,6 +674,12 @@ def search(cache, costs, th_img_grid, objective, budget=None, max_drop_pp=None, 
       max_exits: most early exits in a dynamic configuration.
       allowed_exits: subset of the cache's exit ids to consider (default: all).
       workers: processes sharing the search.
+      time_limit_s: stop after this many seconds (None: search the whole space). The search then
+        deepens one early exit at a time (exact with at most 1, then 2, ... exits); the
+        configurations with at most one early exit are always all evaluated. A stopped search
+        returns the best found, with `complete` False and `exact_exits` the deepest level done.
+      progress: optional callable(done, total) over the root's children (one per first exit
+        and distinct threshold mask) as the branch and bound expands them.
 
     Returns:
       SearchOutcome.
@@ -650,18 +697,29 @@ def search(cache, costs, th_img_grid, objective, budget=None, max_drop_pp=None, 
     if objective == "min_cost" and (max_drop_pp is None or max_drop_pp < 0):
         raise ValueError(f"objective min_cost needs max_drop_pp >= 0, got {max_drop_pp}")
     start = time.perf_counter()
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     problem = _problem(cache, costs, th_img_grid, allowed_exits)
     final = problem.result(mode, [])
     min_miou = None if max_drop_pp is None else final.miou - max_drop_pp / 100.0
     goal = _Objective(objective, budget, min_miou)
     goal.offer(np.array([final.miou]), np.array([final.expected_cost]), lambda i: ([], []))
+    stopped, exact_exits = False, max_exits
     if mode == "budgeted":
         evaluated = 1 + len(problem.exit_ids)
         for j in range(len(problem.exit_ids)):
             result = problem.result(mode, [(j, (0.0, 0.0))])
             goal.offer(np.array([result.miou]), np.array([result.expected_cost]), lambda i: ([(j, (0.0, 0.0))], []))
     else:
-        evaluated = 1 + _run_dynamic(problem, goal, max_exits, workers)
+        # With a time limit, deepen one exit at a time: each level's exact optimum (or front) is
+        # the incumbent of the next, so a stopped search is never worse than the deepest level it
+        # finished, and every level after the first starts with a good bar to prune against.
+        evaluated = 1
+        for exits in range(1 if deadline is not None else max_exits, max_exits + 1):
+            more, stopped = _run_dynamic(problem, goal, exits, workers, deadline, progress)
+            evaluated += more
+            if stopped:
+                exact_exits = exits - 1
+                break
 
     def to_result(payload):
         chosen, masks = payload
@@ -672,7 +730,8 @@ def search(cache, costs, th_img_grid, objective, budget=None, max_drop_pp=None, 
                                              max_exits, allowed_exits, workers, final))
     return SearchOutcome(None if goal.best is None or objective == "pareto" else to_result(goal.best[2]),
                          [to_result(f[2]) for f in goal.front], final,
-                         space_size(problem, mode, max_exits), evaluated, time.perf_counter() - start)
+                         space_size(problem, mode, max_exits), evaluated, time.perf_counter() - start, not stopped,
+                         exact_exits)
 
 
 def _infeasible_message(cache, costs, th_img_grid, objective, budget, max_drop_pp, mode, max_exits,

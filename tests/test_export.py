@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mess_tf import backbones, deployment, export, heads, network
+from mess_tf import backbones, deployment, export, heads, network, policy
 from mess_tf.keras_lib import keras, layers
 
 EXITS = ("block_2_add:fcn_w16_b0", "block_6_project_BN:fcn_w16_b1_rd")
@@ -103,13 +103,14 @@ def test_parts_chain_to_the_network_and_convert(tiny_net):
     final = parts["final_head"](features[positions[-1]])
     np.testing.assert_allclose(final.numpy(), expected["final"].numpy(), atol=1e-4)
 
-    # Converted, each part ends with what a staged model computes after it.
-    converted = export.convert_parts(tiny_net, "float16", exit_ids=[EXITS[1]])
-    assert sorted(converted) == sorted([f"segment:{p}" for p in positions]
-                                       + [f"head:{EXITS[1]}", "class_map:block_6_project_BN", "final_head"])
-    head = run_signature(converted[f"head:{EXITS[1]}"], "serving_default", input=features["block_6_project_BN"])
+    # Converted (as convert_parts does), each part ends with what a staged model computes after it.
+    def convert(key):
+        outputs = export._part_outputs(tiny_net, key, "float16", policy.PolicyConfig())
+        return export.convert_model(parts[key], "float16", outputs=outputs)
+
+    head = run_signature(convert(f"head:{EXITS[1]}"), "serving_default", input=features["block_6_project_BN"])
     assert sorted(head) == sorted([export.CONFIDENCE, export.COARSE_LOGITS]) and 0 <= head[export.CONFIDENCE][0] <= 1
-    class_map = run_signature(converted["class_map:block_6_project_BN"], "serving_default",
+    class_map = run_signature(convert("class_map:block_6_project_BN"), "serving_default",
                               **{export.COARSE_LOGITS: head[export.COARSE_LOGITS]})[export.CLASS_MAP]
     agree = class_map[0] == expected[EXITS[1]].numpy()[0].argmax(-1)
     assert class_map.dtype == np.uint8 and agree.mean() > 0.98  # float16 flips near-ties only

@@ -164,6 +164,26 @@ def test_stale_cache_is_refused(synthetic, tmp_path):
         calibration.CalibrationCache.load(path, expected_config={"name": "other"})
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_time_limit_keeps_the_best_found_flagged_as_not_proven(synthetic, workers):
+    cache = synthetic[0]
+    seen = []
+    exact = search.search(cache, COSTS, TH_IMG, "min_cost", max_drop_pp=2.0, workers=1,
+                          progress=lambda done, total: seen.append((done, total)))
+    assert exact.complete and seen[-1][0] == seen[-1][1] > 0
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    # Stopped at once, the search has still evaluated every configuration with one early exit.
+    one_exit = search.search(cache, COSTS, TH_IMG, "min_cost", max_drop_pp=2.0, max_exits=1, workers=1).best
+    stopped = search.search(cache, COSTS, TH_IMG, "min_cost", max_drop_pp=2.0, workers=workers, time_limit_s=0)
+    assert not stopped.complete and stopped.exact_exits == 1
+    assert stopped.best.expected_cost == pytest.approx(one_exit.expected_cost, abs=1e-12)
+    assert stopped.best.expected_cost >= exact.best.expected_cost - 1e-12
+    # Deepening under a generous limit ends at the exact answer.
+    deepened = search.search(cache, COSTS, TH_IMG, "min_cost", max_drop_pp=2.0, workers=workers, time_limit_s=600)
+    assert deepened.complete and deepened.exact_exits == 3
+    assert deepened.best.expected_cost == pytest.approx(exact.best.expected_cost, abs=1e-12)
+
+
 def test_cli_writes_config_report_and_plot(synthetic, tmp_path):
     import json
     import subprocess
@@ -183,6 +203,11 @@ def test_cli_writes_config_report_and_plot(synthetic, tmp_path):
     assert search.evaluate(cache, COSTS, config).miou == pytest.approx(config.metadata["predicted_miou"], abs=1e-12)
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["space_size"] == 1 + 6 * 9 + 12 * 81 + 8 * 729 and len(saved["pareto_front"]) > 1
+    assert saved["complete"] is True
+    hurried = subprocess.run(base + ["--objective=min_latency", "--max_drop_pp=1", "--time_limit_s=0"],
+                             capture_output=True, text=True)
+    assert hurried.returncode == 0 and "time limit of 0 s reached" in hurried.stdout
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["complete"] is False
     assert (tmp_path / "out" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     refused = subprocess.run(base + ["--objective=max_miou", "--budget_macs=0.5"], capture_output=True, text=True)
     assert refused.returncode == 2 and "cheapest achievable expected cost" in refused.stderr

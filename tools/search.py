@@ -6,8 +6,11 @@
 
 Prints the best configurations, writes OUTPUT_DIR/report.json, OUTPUT_DIR/pareto.png (mIoU vs
 expected cost, the final exit marked) and OUTPUT_DIR/CONFIG.json (accepted by tools.export).
+Large spaces (3 exits over dozens of positions and heads) can take long: progress is printed every
+few seconds, and --time_limit_s=S keeps the best found in S seconds, flagged as not proven best.
 """
 import os
+import time
 
 from absl import flags
 import numpy as np
@@ -31,6 +34,8 @@ flags.DEFINE_list("th_img", [f"{t:.2f}" for t in np.linspace(0.5, 0.95, 10)], "I
 flags.DEFINE_list("exits", None, "Exit ids to consider (default: every exit in the cache).")
 flags.DEFINE_string("stat", "median", "Latency statistic of the table: median or p90.")
 flags.DEFINE_integer("workers", 2, "Processes sharing the search.")
+flags.DEFINE_float("time_limit_s", None, "Stop each of the two searches (objective, Pareto front) after this many "
+                   "seconds and keep the best found, flagged as not proven best (default: search everything).")
 flags.DEFINE_integer("top", 10, "Pareto configurations printed.")
 flags.DEFINE_string("output_dir", None, "Folder for report.json, pareto.png and CONFIG.json.")
 flags.mark_flags_as_required(["cache", "output_dir"])
@@ -74,16 +79,32 @@ def _row(name, r):
             "final_fraction": r.exit_fractions[-1]}
 
 
+def _progress(name):
+    """A search progress callback printing at most every PROGRESS_S seconds."""
+    last = [time.monotonic()]
+
+    def report_progress(done, total):
+        if time.monotonic() - last[0] >= PROGRESS_S:
+            last[0] = time.monotonic()
+            print(f"  {name}: {done}/{total} first exits expanded", flush=True)
+    return report_progress
+
+
+PROGRESS_S = 5.0
+
+
 def main(argv):
     del argv
     cache = calibration.CalibrationCache.load(FLAGS.cache)
     costs = load_costs(FLAGS.latency, FLAGS.macs, FLAGS.stat)
     objective, kwargs = _objective_args(costs.unit)
     common = dict(costs=costs, th_img_grid=[float(t) for t in FLAGS.th_img], mode=FLAGS.mode,
-                  max_exits=FLAGS.max_exits, allowed_exits=FLAGS.exits, workers=FLAGS.workers)
-    chosen = search.search(cache, objective=objective, **kwargs, **common)
-    front = search.search(cache, objective="pareto", **common)
+                  max_exits=FLAGS.max_exits, allowed_exits=FLAGS.exits, workers=FLAGS.workers,
+                  time_limit_s=FLAGS.time_limit_s)
+    chosen = search.search(cache, objective=objective, **kwargs, **common, progress=_progress(objective))
+    front = search.search(cache, objective="pareto", **common, progress=_progress("pareto"))
     best = chosen.best
+    complete, exact_exits = chosen.complete and front.complete, min(chosen.exact_exits, front.exact_exits)
 
     columns = ["name", "exits", "miou", "expected", "worst", "final_fraction"]
     formats = {"miou": ".2f", "expected": ".4g", "worst": ".4g", "final_fraction": ".2f"}
@@ -92,6 +113,9 @@ def main(argv):
     rows += [_row(f"pareto {i}", r) for i, r in enumerate(front.front[::step])]
     print(f"searched {chosen.space_size:.3e} {FLAGS.mode} configurations ({chosen.evaluated} evaluated) "
           f"in {chosen.seconds + front.seconds:.1f} s; costs in {costs.unit}")
+    if not complete:
+        print(f"time limit of {FLAGS.time_limit_s:g} s reached: these are the best configurations found; they are "
+              f"exact among configurations with at most {exact_exits} early exit(s), not proven best beyond")
     print(report.markdown_table(rows, columns, formats))
 
     out = FLAGS.output_dir
@@ -101,7 +125,8 @@ def main(argv):
     config.save(os.path.join(out, "CONFIG.json"))
     io_utils.write_json(os.path.join(out, "report.json"), {
         "objective": FLAGS.objective, **kwargs, "mode": FLAGS.mode, "unit": costs.unit,
-        "space_size": chosen.space_size, "evaluated": chosen.evaluated,
+        "space_size": chosen.space_size, "evaluated": chosen.evaluated, "complete": complete,
+        "exact_exits": exact_exits,
         "seconds": chosen.seconds + front.seconds, "chosen": best.to_dict(), "final": chosen.final.to_dict(),
         "pareto_front": [r.to_dict() for r in front.front]})
     points = [(r.expected_cost, 100 * r.miou) for r in front.front]
