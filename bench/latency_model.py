@@ -102,12 +102,8 @@ def interpreter(model, threads):
 def chained(model, stages, threads):
     """A callable running every stage of one model in order on one image, each fed the feature
     maps earlier ones returned, and every early exit's class-map signature (what the app does
-    for the anytime path). `stages`: export.Stage list; None: the model's one signature."""
+    for the anytime path). `stages`: export.Stage list."""
     loaded = interpreter(model, threads)
-    if stages is None:
-        runner = loaded.get_signature_runner()
-        image = host.random_inputs(runner.get_input_details())
-        return lambda: runner(**image)
     runners = [(s, loaded.get_signature_runner(s.signature),
                 s.class_map_signature and loaded.get_signature_runner(s.class_map_signature)) for s in stages]
     image = host.random_inputs(runners[0][1].get_input_details())
@@ -151,21 +147,6 @@ def random_images(count, size, seed=0):
 # -- 1. composition ----------------------------------------------------------------------------
 
 
-def one_call(model, signatures, threads, seed=0):
-    """A callable running `signatures` of one model in order, each on its own fixed random inputs
-    (as host.measure_end_to_end times them; latency does not depend on the values)."""
-    loaded = interpreter(model, threads)
-    calls = []
-    for i, key in enumerate(signatures):
-        runner = loaded.get_signature_runner(key)
-        calls.append((runner, host.random_inputs(runner.get_input_details(), seed + i)))
-
-    def run():
-        for runner, inputs in calls:
-            runner(**inputs)
-    return run
-
-
 def composition(net, configs, precision, folder, calibration, threads, rounds):
     """Times every part of `net` and the staged model of each configuration (every stage run, no
     early class map: the worst case) in one alternation, so that both sides of the comparison
@@ -176,13 +157,12 @@ def composition(net, configs, precision, folder, calibration, threads, rounds):
       host.composition_errors).
     """
     parts = export.convert_parts(net, precision, calibration)
-    calls = {key: one_call(model, [export.DEFAULT_SIGNATURE], threads) for key, model in parts.items()}
+    calls = {key: host.signature_calls(model, None, threads) for key, model in parts.items()}
     paths, stages = {}, {}
     for name, config in configs.items():
         paths[name] = os.path.join(folder, f"{name.replace(' ', '_').replace('@', '_')}_{precision}.tflite")
         metadata = export.export_staged_model(paths[name], net, config, precision, calibration)
-        with open(paths[name], "rb") as f:
-            calls[name] = one_call(f.read(), [s["signature"] for s in metadata["stages"]], threads)
+        calls[name] = host.signature_calls(paths[name], [s["signature"] for s in metadata["stages"]], threads)
     timings = alternate(calls, rounds)
     table = table_lib.LatencyTable(table_lib.TableKey(host.host_device(), precision, threads, net.config.input_size),
                                    [p.name for p in net.backbone.positions],
@@ -199,7 +179,8 @@ def staging(net, config, precision, calibration, threads, rounds):
     """Size and latency of the staged model vs the unstaged model of `config` (every stage run)."""
     staged, stages = export.build_model(net, config, precision, calibration)
     unstaged, _ = export.build_model(net, config, precision, calibration, staged=False)
-    ms = alternate({"staged": chained(staged, stages, threads), "unstaged": chained(unstaged, None, threads)}, rounds)
+    ms = alternate({"staged": chained(staged, stages, threads),
+                    "unstaged": host.signature_calls(unstaged, [export.FULL_SIGNATURE], threads)}, rounds)
     return {"precision": precision, "stages": len(stages), "staged_bytes": len(staged), "unstaged_bytes": len(unstaged),
             "staged_ms": ms["staged"].median_ms, "unstaged_ms": ms["unstaged"].median_ms,
             "size_overhead": len(staged) / len(unstaged) - 1,

@@ -6,7 +6,7 @@ position, and the final head. MACs are per image at the network's input size.
 """
 import dataclasses
 
-from mess_tf import backbones, heads
+from mess_tf import backbones, heads, network
 from mess_tf.deployment import exit_id
 from mess_tf.keras_lib import keras
 from mess_tf.latency import macs
@@ -104,3 +104,15 @@ def network_costs(config, head_space=None, positions=None, backbone=None):
         lambda x, low=None: heads.final_head(x, low, config.final_head, config.num_classes,
                                              config.input_size, config.backbone.output_stride), final_inputs)
     return NetworkCosts(list(backbone.positions), segments, head_costs, final)
+
+
+def costs_of(net):
+    """Costs of a built MultiExitNetwork's parts: its segments, its final head, and every head of
+    its exit space at every exit position (a superset of net.exit_ids when exits vary by position).
+
+    Returns:
+      NetworkCosts.
+    """
+    pairs = [network.parse_exit_id(e) for e in net.exit_ids]
+    return network_costs(net.config, sorted({h for _, h in pairs}, key=lambda h: h.id), sorted({p for p, _ in pairs}),
+                         backbone=net.backbone)

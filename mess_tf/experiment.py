@@ -368,9 +368,5 @@ class Experiment:
 
 def _macs_table(experiment):
     """The MACs CostTable of the stage-2 network's parts."""
-    net = experiment.load("stage2")
-    pairs = [network.parse_exit_id(e) for e in net.exit_ids]
-    costs = cost_model.network_costs(net.config, sorted({h for _, h in pairs}, key=lambda h: h.id),
-                                     sorted({p for p, _ in pairs}), backbone=net.backbone)
-    return costs.cost_table()
+    return cost_model.costs_of(experiment.load("stage2")).cost_table()
 

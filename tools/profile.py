@@ -62,13 +62,11 @@ def _calibration_images(net):
 
 def _part_macs(net):
     """Part key -> MACs per image, from the analytic cost model."""
-    pairs = [network.parse_exit_id(e) for e in net.exit_ids]
-    costs = cost_model.network_costs(net.config, sorted({h for _, h in pairs}, key=lambda h: h.id),
-                                     sorted({p for p, _ in pairs}), backbone=net.backbone)
+    costs = cost_model.costs_of(net)
     macs = {table_lib.part_key(table_lib.SEGMENT, k): v.macs for k, v in costs.segments.items()}
     macs.update({table_lib.part_key(table_lib.HEAD, e): costs.heads[e].macs for e in net.exit_ids})
     # Upsampling and argmax are free in the MAC count (latency/macs.py).
-    macs.update({table_lib.part_key(table_lib.CLASS_MAP, p): 0 for p, _ in pairs})
+    macs.update({table_lib.part_key(table_lib.CLASS_MAP, net.position_of(e).name): 0 for e in net.exit_ids})
     macs[table_lib.FINAL_HEAD] = costs.final_head.macs
     return macs
 
@@ -76,7 +74,9 @@ def _part_macs(net):
 def main(argv):
     del argv
     net = _network()
-    print(f"converting {len(net.exit_ids) + len(net.backbone.positions) + 1} parts to {FLAGS.precision} TFLite...")
+    exit_positions = {net.position_of(e).name for e in net.exit_ids}  # one class-map part each
+    count = len(net.backbone.positions) + len(net.exit_ids) + len(exit_positions) + 1
+    print(f"converting {count} parts to {FLAGS.precision} TFLite...")
     models = export.convert_parts(net, FLAGS.precision, _calibration_images(net))
     macs = _part_macs(net)
     positions = [p.name for p in net.backbone.positions]

@@ -151,18 +151,30 @@ def measure_end_to_end(model, signatures=None, config=HostTimingConfig()):
       Timing (ms) of one run of all the signatures.
     """
     with pinned(config.cpus):
-        interp = _interpreter(model, config.num_threads)
-        keys = [None] if signatures is None else list(signatures)
-        calls = []
-        for i, key in enumerate(keys):
-            runner = _signature_runner(interp, key, model)
-            calls.append((runner, random_inputs(runner.get_input_details(), config.seed + i)))
+        return _time_runs(signature_calls(model, signatures, config.num_threads, config.seed), config)
 
-        def run_once():
-            for runner, inputs in calls:
-                runner(**inputs)
 
-        return _time_runs(run_once, config)
+def signature_calls(model, signatures=None, num_threads=1, seed=0):
+    """A callable running `signatures` of one model one after another (None: its only signature),
+    each on its own fixed random inputs (seeds seed, seed + 1, ...): what measure_end_to_end
+    times, for callers that time it their own way.
+
+    Args:
+      model: .tflite path or flatbuffer bytes.
+      signatures: signature keys to run in order.
+      num_threads: interpreter threads.
+      seed: seed of the first signature's random inputs.
+    """
+    interp = _interpreter(model, num_threads)
+    calls = []
+    for i, key in enumerate([None] if signatures is None else list(signatures)):
+        runner = _signature_runner(interp, key, model)
+        calls.append((runner, random_inputs(runner.get_input_details(), seed + i)))
+
+    def run_once():
+        for runner, inputs in calls:
+            runner(**inputs)
+    return run_once
 
 
 def measure(model, signature=None, config=HostTimingConfig()):
