@@ -19,7 +19,9 @@ int8 models are full-integer, calibrated on random images.
      signatures, exit k's class map from its own signature) vs a static single-signature model
      of the same layers (backbone to exit k, the heads of exits 1..k-1 to their coarse logits,
      exit k's class map; no confidence); with the default edge-aware policy and with top-1
-     confidence only (no edge smoothing).
+     confidence only (no edge smoothing); for the MobileNetV2 network above and for the same
+     network on ResNet-50 (--control_backbones). The confidence costs about the same per exit
+     pixel on any backbone, so its share is largest on the smallest network.
   4. float32 vs int8 latency of each backbone's single-exit DeepLab network.
 
 Models compared with each other are timed in alternation (a block of A, a block of B, a block of
@@ -27,11 +29,13 @@ A, ...: `alternate`), so that load from other processes hits them alike; the fig
 ratios of medians.
 
     python bench/latency_model.py [--alpha=0.5 --input_size=160 --rounds=30 --threads=1]
+                                  [--control_backbones=mobilenet_v2,resnet50]
 
 Prints markdown tables, writes bench/results/latency_model.json, and prints, last, a JSON line
 with `median_composition_error` (vs the staged models), `staging_size_overhead`,
-`staging_latency_overhead` (int8) and `dynamic_control_overhead` (median over exits, default
-policy), each a fraction.
+`staging_latency_overhead` (int8), `dynamic_control_overhead` (MobileNetV2, median over exits,
+default policy) and `dynamic_control_overhead_<backbone>` for the other control backbones, each a
+fraction.
 """
 import argparse
 import dataclasses
@@ -119,6 +123,20 @@ def chained(model, stages, threads):
 
 
 # -- the network and its configurations --------------------------------------------------------
+
+
+def network_config(backbone, alpha, size):
+    """A DeepLabV3 on `backbone` (output stride 16, random weights) at `size` (H, W) pixels."""
+    return network.NetworkConfig(backbones.BackboneConfig(backbone, 16, alpha, None), NUM_CLASSES, size,
+                                 heads.FinalHeadConfig(filters=256, separable=True))
+
+
+def mess_network(backbone, alpha, size):
+    """The benchmark's MESS network on `backbone` with EXIT_HEAD exits at EXIT_DEPTHS ->
+    (MultiExitNetwork, exit ids, configurations(exit ids))."""
+    config = network_config(backbone, alpha, size)
+    exit_ids = [deployment.exit_id(p.name, EXIT_HEAD) for p in exit_positions(backbones.Backbone(config.backbone, size))]
+    return network.MultiExitNetwork(config, exit_ids), exit_ids, configurations(exit_ids)
 
 
 def exit_positions(backbone):
@@ -242,6 +260,24 @@ def control(dynamic_paths, statics, exit_ids, input_size, threads, rounds):
     return rows
 
 
+def control_study(net, exit_ids, dynamic_config, calibration, folder, threads, rounds, edge_aware_path=None):
+    """The control rows of one network: its dynamic staged model with the default (edge-aware)
+    policy (exported here unless `edge_aware_path` is given) and with top-1 confidence only, vs
+    the static models of each exit."""
+    paths = {"edge_aware": edge_aware_path, "top1": None}
+    for name, policy_config in (("edge_aware", policy.PolicyConfig()), ("top1", policy.PolicyConfig(edge_smoothing=False))):
+        if paths[name] is None:
+            paths[name] = os.path.join(folder, f"control_{net.config.backbone.name}_{name}_{DEPLOYED}.tflite")
+            export.export_staged_model(paths[name], net, dynamic_config, DEPLOYED, calibration, policy_config)
+    return control(paths, static_models(net, exit_ids, DEPLOYED, calibration), exit_ids,
+                   net.config.input_size, threads, rounds)
+
+
+def median_overhead(rows, policy_name):
+    """Median over exits of a control study's overhead (a fraction) with one policy."""
+    return float(np.median([r[f"{policy_name}_overhead"] for r in rows]))
+
+
 # -- 4. float32 vs int8 per backbone -----------------------------------------------------------
 
 
@@ -251,9 +287,7 @@ def backbone_precisions(input_size, threads, rounds):
     calibration = random_images(CALIBRATION_IMAGES, input_size, seed=2)
     for name in backbones.BACKBONES:
         keras.backend.clear_session()
-        config = network.NetworkConfig(backbones.BackboneConfig(name, 16, 1.0, None), NUM_CLASSES, input_size,
-                                       heads.FinalHeadConfig(filters=256, separable=True))
-        model = network.MultiExitNetwork(config).single_exit_model()
+        model = network.MultiExitNetwork(network_config(name, 1.0, input_size)).single_exit_model()
         calls = {}
         for precision in PRECISIONS:
             runner = interpreter(export.convert_model(model, precision, [im[None] for im in calibration]),
@@ -287,28 +321,26 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="Interpreter threads.")
     parser.add_argument("--rounds", type=int, default=30, help="Timed rounds of each alternation.")
     parser.add_argument("--backbone_rounds", type=int, default=10, help="Timed rounds per backbone.")
+    parser.add_argument("--control_backbones", default="mobilenet_v2,resnet50",
+                        help="Backbones of the dynamic-control study (MobileNetV2 at --alpha, others at width 1).")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                           "results", "latency_model.json"))
     args = parser.parse_args()
     started = time.time()
     size = (args.input_size,) * 2
-    config = network.NetworkConfig(backbones.BackboneConfig("mobilenet_v2", 16, args.alpha, None), NUM_CLASSES, size,
-                                   heads.FinalHeadConfig(filters=256, separable=True))
-    exit_ids = [deployment.exit_id(p.name, EXIT_HEAD)
-                for p in exit_positions(backbones.Backbone(config.backbone, size))]
-    net = network.MultiExitNetwork(config, exit_ids)
-    configs = configurations(exit_ids)
+    net, exit_ids, configs = mess_network("mobilenet_v2", args.alpha, size)
     dynamic_name = f"dynamic x{len(exit_ids)}"
     calibration = random_images(CALIBRATION_IMAGES, size)
     with tempfile.TemporaryDirectory() as folder:
         table, paths, measured = composition(net, configs, DEPLOYED, folder, calibration, args.threads, args.rounds)
         checks, median_error = host.composition_errors(table, measured)
-        statics = static_models(net, exit_ids, DEPLOYED, calibration)
-        top1_path = os.path.join(folder, f"dynamic_top1_{DEPLOYED}.tflite")
-        export.export_staged_model(top1_path, net, configs[dynamic_name], DEPLOYED, calibration,
-                                   policy.PolicyConfig(edge_smoothing=False))
-        control_rows = control({"edge_aware": paths[dynamic_name], "top1": top1_path}, statics, exit_ids, size,
-                               args.threads, args.rounds)
+        control_rows = {"mobilenet_v2": control_study(net, exit_ids, configs[dynamic_name], calibration, folder,
+                                                      args.threads, args.rounds, paths[dynamic_name])}
+        for name in args.control_backbones.split(","):
+            if name and name != "mobilenet_v2":
+                other, other_exits, other_configs = mess_network(name, 1.0, size)
+                control_rows[name] = control_study(other, other_exits, other_configs[dynamic_name], calibration,
+                                                   folder, args.threads, args.rounds)
     staging_rows = [staging(net, configs[dynamic_name], precision, calibration, args.threads, args.rounds)
                     for precision in PRECISIONS]
     backbone_rows = backbone_precisions((args.backbone_input_size,) * 2, args.threads, args.backbone_rounds)
@@ -317,15 +349,17 @@ def main():
         "median_composition_error": median_error,
         "staging_size_overhead": deployed_staging["size_overhead"],
         "staging_latency_overhead": deployed_staging["latency_overhead"],
-        "dynamic_control_overhead": float(np.median([r["edge_aware_overhead"] for r in control_rows])),
+        "dynamic_control_overhead": median_overhead(control_rows["mobilenet_v2"], "edge_aware"),
+        **{f"dynamic_control_overhead_{name}": median_overhead(rows, "edge_aware")
+           for name, rows in control_rows.items() if name != "mobilenet_v2"},
     }
     results = {
-        "network": config.to_dict(), "exits": exit_ids, "precision": DEPLOYED, "threads": args.threads,
+        "network": net.config.to_dict(), "exits": exit_ids, "precision": DEPLOYED, "threads": args.threads,
         "rounds": args.rounds, "device": host.host_device(), "runtime": host.runtime_version(),
         "table": table.to_dict(),
         "composition": [dataclasses.asdict(c) | {"error": c.error} for c in checks],
         "control": control_rows,
-        "median_control_overhead_top1": float(np.median([r["top1_overhead"] for r in control_rows])),
+        "median_control_overhead_top1": {name: median_overhead(rows, "top1") for name, rows in control_rows.items()},
         "staging": staging_rows, "backbones": backbone_rows, "seconds": time.time() - started, "summary": summary,
     }
     write_json(args.output, results)
@@ -335,12 +369,13 @@ def main():
     composition_header = ["measured model", "composed ms", "measured ms", "error %"]
     print(markdown(f"Composition: latency table vs staged models, every stage run (median ms, {DEPLOYED})",
                    composition_header, [composition_row(c) for c in checks]))
-    print(markdown(f"Dynamic control: runtime + {dynamic_name} staged model leaving at exit k vs a static model "
-                   f"of the same layers ({DEPLOYED}); policy: edge-aware (default) and top-1 only",
-                   ["exit", "static ms", "edge-aware ms", "overhead %", "top-1 ms", "overhead %"],
-                   [(r["exit"], f"{r['static_ms']:.2f}", f"{r['edge_aware_ms']:.2f}",
-                     f"{100 * r['edge_aware_overhead']:.1f}", f"{r['top1_ms']:.2f}", f"{100 * r['top1_overhead']:.1f}")
-                    for r in control_rows]))
+    for name, rows in control_rows.items():
+        print(markdown(f"Dynamic control, {name}: runtime + {dynamic_name} staged model leaving at exit k vs a "
+                       f"static model of the same layers ({DEPLOYED}); policy: edge-aware (default) and top-1 only",
+                       ["exit", "static ms", "edge-aware ms", "overhead %", "top-1 ms", "overhead %"],
+                       [(r["exit"], f"{r['static_ms']:.2f}", f"{r['edge_aware_ms']:.2f}",
+                         f"{100 * r['edge_aware_overhead']:.1f}", f"{r['top1_ms']:.2f}",
+                         f"{100 * r['top1_overhead']:.1f}") for r in rows]))
     print(markdown(f"Staging: staged vs unstaged model, {dynamic_name}, every stage run",
                    ["precision", "stages", "staged KB", "unstaged KB", "size +%", "staged ms", "unstaged ms",
                     "latency +%"],
