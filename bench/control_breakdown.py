@@ -14,7 +14,8 @@ network (3 exits `fcn_w32_b1` at 25/50/75% of the backbone's MACs, int8, random 
      costs); and the runtime (the same, handing each stage's outputs to the next, checking
      thresholds). Every side includes quantising the float image.
   2. confidence: the in-graph image confidence on logits of the first exit's coarse shape
-     (stride 4 on MobileNetV2: 40x40x21 at 160x160), alone and by op group, and two exact
+     (stride 4 on MobileNetV2: 40x40x21 at 160x160), alone, with the policy option
+     confidence_stride=8 (decided on 2x2-pooled logits), by op group, and two exact
      alternatives that were tried for the library and are slower in TFLite:
        * "majority": the median's threshold test as a majority vote (median >= t exactly when
          more than half of the window is >= t): reflect pad, one average pool, a compare;
@@ -112,6 +113,8 @@ def confidence_variants(stride):
     return {
         "edge_aware (library)": lambda x: policy.image_confidence_tf(x, TH_PIX, stride),
         "top1 (library)": lambda x: policy.image_confidence_tf(x, TH_PIX, stride, policy.PolicyConfig(edge_smoothing=False)),
+        "edge_aware, confidence_stride=8 (library option)": lambda x: policy.image_confidence_tf(
+            x, TH_PIX, stride, policy.PolicyConfig(confidence_stride=8)),
         "softmax": lambda x: mean(tf.nn.softmax(x, -1)),
         "argmax": lambda x: mean(tf.argmax(x, -1)),
         "edge mask": lambda x: mean(policy.edge_mask_tf(tf.argmax(x, -1, output_type=tf.int32), 1)),

@@ -18,8 +18,9 @@ int8 models are full-integer, calibrated on random images.
      (in-graph confidence, thresholds checked in Python, feature maps handed between
      signatures, exit k's class map from its own signature) vs a static single-signature model
      of the same layers (backbone to exit k, the heads of exits 1..k-1 to their coarse logits,
-     exit k's class map; no confidence); with the default edge-aware policy and with top-1
-     confidence only (no edge smoothing); for the MobileNetV2 network above and for the same
+     exit k's class map; no confidence); with the default edge-aware policy, with top-1
+     confidence only (no edge smoothing), and with the default policy decided at stride 8 at
+     most (PolicyConfig.confidence_stride); for the MobileNetV2 network above and for the same
      network on ResNet-50 (--control_backbones). The confidence costs about the same per exit
      pixel on any backbone, so its share is largest on the smallest network.
   4. float32 vs int8 latency of each backbone's single-exit DeepLab network.
@@ -260,12 +261,19 @@ def control(dynamic_paths, statics, exit_ids, input_size, threads, rounds):
     return rows
 
 
+# The policies of the control study: the default, top-1 confidence only, and the default decided
+# at stride 8 at most (a stride-4 exit's logits pooled 2x2 first).
+CONTROL_POLICIES = {"edge_aware": policy.PolicyConfig(), "top1": policy.PolicyConfig(edge_smoothing=False),
+                    "edge_aware_stride8": policy.PolicyConfig(confidence_stride=8)}
+
+
 def control_study(net, exit_ids, dynamic_config, calibration, folder, threads, rounds, edge_aware_path=None):
-    """The control rows of one network: its dynamic staged model with the default (edge-aware)
-    policy (exported here unless `edge_aware_path` is given) and with top-1 confidence only, vs
-    the static models of each exit."""
-    paths = {"edge_aware": edge_aware_path, "top1": None}
-    for name, policy_config in (("edge_aware", policy.PolicyConfig()), ("top1", policy.PolicyConfig(edge_smoothing=False))):
+    """The control rows of one network: its dynamic staged model with each of CONTROL_POLICIES
+    (the default one exported here unless `edge_aware_path` is given) vs the static models of
+    each exit."""
+    paths = {}
+    for name, policy_config in CONTROL_POLICIES.items():
+        paths[name] = edge_aware_path if name == "edge_aware" else None
         if paths[name] is None:
             paths[name] = os.path.join(folder, f"control_{net.config.backbone.name}_{name}_{DEPLOYED}.tflite")
             export.export_staged_model(paths[name], net, dynamic_config, DEPLOYED, calibration, policy_config)
@@ -359,7 +367,8 @@ def main():
         "table": table.to_dict(),
         "composition": [dataclasses.asdict(c) | {"error": c.error} for c in checks],
         "control": control_rows,
-        "median_control_overhead_top1": {name: median_overhead(rows, "top1") for name, rows in control_rows.items()},
+        "median_control_overhead": {name: {p: median_overhead(rows, p) for p in CONTROL_POLICIES}
+                                    for name, rows in control_rows.items()},
         "staging": staging_rows, "backbones": backbone_rows, "seconds": time.time() - started, "summary": summary,
     }
     write_json(args.output, results)
@@ -371,11 +380,11 @@ def main():
                    composition_header, [composition_row(c) for c in checks]))
     for name, rows in control_rows.items():
         print(markdown(f"Dynamic control, {name}: runtime + {dynamic_name} staged model leaving at exit k vs a "
-                       f"static model of the same layers ({DEPLOYED}); policy: edge-aware (default) and top-1 only",
-                       ["exit", "static ms", "edge-aware ms", "overhead %", "top-1 ms", "overhead %"],
-                       [(r["exit"], f"{r['static_ms']:.2f}", f"{r['edge_aware_ms']:.2f}",
-                         f"{100 * r['edge_aware_overhead']:.1f}", f"{r['top1_ms']:.2f}",
-                         f"{100 * r['top1_overhead']:.1f}") for r in rows]))
+                       f"static model of the same layers ({DEPLOYED}), per policy (CONTROL_POLICIES)",
+                       ["exit", "static ms"] + [f"{p} {unit}" for p in CONTROL_POLICIES for unit in ("ms", "+%")],
+                       [[r["exit"], f"{r['static_ms']:.2f}"]
+                        + [v for p in CONTROL_POLICIES for v in (f"{r[f'{p}_ms']:.2f}", f"{100 * r[f'{p}_overhead']:.1f}")]
+                        for r in rows]))
     print(markdown(f"Staging: staged vs unstaged model, {dynamic_name}, every stage run",
                    ["precision", "stages", "staged KB", "unstaged KB", "size +%", "staged ms", "unstaged ms",
                     "latency +%"],

@@ -17,6 +17,12 @@ Upsampled logits blur boundaries over a band of about edge_radius_per_stride * s
 pixels; on the exit's own grid that band is ceil(edge_radius_per_stride) feature pixels (1 with
 the default 1/8, whatever the stride), which is the radius used here.
 
+With `confidence_stride` above an exit's stride, the exit decides on its logits average-pooled to
+that stride first (e.g. 2x2 blocks for a stride-4 exit with confidence_stride=8): the decision
+then costs (confidence_stride / stride)^2 times fewer pixels, which matters at high-resolution
+exits of small networks, where the in-graph confidence is most of the dynamic-control overhead
+(bench/control_breakdown.py). The class map itself is unchanged.
+
 There is one numpy implementation (used by calibration) and one TensorFlow implementation (`*_tf`,
 batched [B, H, W, C], pure TF ops that TFLite converts: slicing, max_pool2d, top_k, MIRROR_PAD) used
 inside Keras models and exported graphs; tests/test_policy.py proves they agree. Decisions never
@@ -41,17 +47,37 @@ class PolicyConfig:
         their neighbourhood.
       edge_radius_per_stride: edge band half-width in input pixels per unit of the exit's
         output stride (i.e. in feature pixels, rounded up).
+      confidence_stride: the finest stride (input pixels per pixel, a power of two) a decision is
+        made at; exits finer than it decide on average-pooled logits. 1: every exit decides at
+        its own resolution.
     """
 
     confidence: str = "top1"
     edge_smoothing: bool = True
     edge_radius_per_stride: float = 0.125
+    confidence_stride: int = 1
 
     def __post_init__(self):
         if self.confidence not in CONFIDENCES:
             raise ValueError(f"policy confidence {self.confidence!r} is not one of {CONFIDENCES}")
         if self.edge_radius_per_stride <= 0:
             raise ValueError(f"edge_radius_per_stride must be > 0, got {self.edge_radius_per_stride}")
+        stride = self.confidence_stride
+        if not isinstance(stride, int) or stride < 1 or stride & (stride - 1):
+            raise ValueError(f"confidence_stride must be a power of two >= 1 (input pixels per pixel), got {stride!r}")
+
+    def pooling(self, stride, size):
+        """Logit pixels averaged per decision pixel along each axis for an exit at `stride`
+        whose logits are `size` (H, W) pixels.
+
+        Raises:
+          ValueError: H or W is not a multiple of the pooling factor.
+        """
+        factor = max(1, self.confidence_stride // stride)
+        if size[0] % factor or size[1] % factor:
+            raise ValueError(f"confidence_stride={self.confidence_stride} pools the stride-{stride} logits "
+                             f"{size[0]}x{size[1]} by {factor}, which does not divide them")
+        return factor
 
     def radius(self, stride):
         """Edge band half-width and median window radius in FEATURE pixels for an exit at `stride`.
@@ -138,9 +164,14 @@ def smooth_confidence(conf, pred, stride, cfg=PolicyConfig()):
 
 
 def smoothed_confidence(logits, stride, cfg=PolicyConfig()):
-    """pixel_confidence then smooth_confidence with the logits' own argmax. [H, W, C] -> [H, W]."""
+    """pixel_confidence then smooth_confidence with the logits' own argmax, on the logits pooled
+    to cfg.confidence_stride. [H, W, C] -> [H / f, W / f] with f = cfg.pooling(stride, (H, W))."""
     logits = np.asarray(logits, np.float32)
-    return smooth_confidence(pixel_confidence(logits, cfg), logits.argmax(axis=-1), stride, cfg)
+    factor = cfg.pooling(stride, logits.shape[:2])
+    if factor > 1:
+        h, w, c = logits.shape
+        logits = logits.reshape(h // factor, factor, w // factor, factor, c).mean(axis=(1, 3), dtype=np.float32)
+    return smooth_confidence(pixel_confidence(logits, cfg), logits.argmax(axis=-1), stride * factor, cfg)
 
 
 def image_confidence(logits, th_pix, stride, cfg=PolicyConfig()):
@@ -234,9 +265,12 @@ def smooth_confidence_tf(conf, pred, stride, cfg=PolicyConfig()):
 
 
 def smoothed_confidence_tf(logits, stride, cfg=PolicyConfig()):
-    """[B, H, W, C] logits -> [B, H, W] smoothed confidence."""
+    """[B, H, W, C] logits -> [B, H / f, W / f] smoothed confidence (see smoothed_confidence)."""
+    factor = cfg.pooling(stride, logits.shape[1:3])
+    if factor > 1:
+        logits = tf.nn.avg_pool2d(logits, factor, factor, "VALID")
     pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    return smooth_confidence_tf(pixel_confidence_tf(logits, cfg), pred, stride, cfg)
+    return smooth_confidence_tf(pixel_confidence_tf(logits, cfg), pred, stride * factor, cfg)
 
 
 def image_confidence_tf(logits, th_pix, stride, cfg=PolicyConfig()):

@@ -23,8 +23,9 @@ def _structured_logits(seed, batch=2, size=(24, 20)):
 
 @pytest.mark.parametrize("cfg", [policy.PolicyConfig(), policy.PolicyConfig("entropy"),
                                  policy.PolicyConfig(edge_smoothing=False),
-                                 policy.PolicyConfig(edge_radius_per_stride=1.5)])  # a 5x5 median window
-@pytest.mark.parametrize("stride", [8, 16, 32])
+                                 policy.PolicyConfig(edge_radius_per_stride=1.5),  # a 5x5 median window
+                                 policy.PolicyConfig(confidence_stride=8)])  # stride 4: logits pooled 2x2
+@pytest.mark.parametrize("stride", [4, 8, 16, 32])
 def test_numpy_and_tf_agree(cfg, stride):
     logits = _structured_logits(stride)
     conf_tf = policy.smoothed_confidence_tf(tf.constant(logits), stride, cfg).numpy()
@@ -104,12 +105,29 @@ def test_fractions_are_monotone_in_thresholds():
 def test_bad_policy_config_is_refused():
     with pytest.raises(ValueError, match="not one of"):
         policy.PolicyConfig("margin")
+    with pytest.raises(ValueError, match="power of two"):
+        policy.PolicyConfig(confidence_stride=6)
 
 
-def test_tf_image_confidence_converts_to_tflite():
+def test_a_finer_exit_decides_on_logits_pooled_to_the_confidence_stride():
+    logits = _structured_logits(3, batch=1)[0]  # 24 x 20 at stride 4
+    cfg = policy.PolicyConfig(confidence_stride=16)
+    pooled = logits.reshape(6, 4, 5, 4, CLASSES).mean(axis=(1, 3))
+    conf = policy.smoothed_confidence(logits, 4, cfg)
+    assert conf.shape == (6, 5)
+    np.testing.assert_allclose(conf, policy.smoothed_confidence(pooled, 16, policy.PolicyConfig()), atol=1e-6)
+    # Exits at or above the confidence stride decide at their own resolution, as before.
+    np.testing.assert_array_equal(policy.smoothed_confidence(logits, 16, cfg),
+                                  policy.smoothed_confidence(logits, 16, policy.PolicyConfig()))
+    with pytest.raises(ValueError, match="pools the stride-4 logits 24x20 by 8"):
+        policy.smoothed_confidence(logits, 4, policy.PolicyConfig(confidence_stride=32))
+
+
+@pytest.mark.parametrize("cfg, stride", [(policy.PolicyConfig(), 16), (policy.PolicyConfig(confidence_stride=8), 4)])
+def test_tf_image_confidence_converts_to_tflite(cfg, stride):
     from ai_edge_litert.interpreter import Interpreter
 
-    cfg, stride, th_pix = policy.PolicyConfig(), 16, 0.6
+    th_pix = 0.6
     logits = _structured_logits(7, batch=1)
 
     @tf.function(input_signature=[tf.TensorSpec(logits.shape, tf.float32)])

@@ -1,4 +1,6 @@
 """Deployment search: cache arithmetic equals running the policy, fast search equals brute force."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -189,7 +191,8 @@ def test_cli_writes_config_report_and_plot(synthetic, tmp_path):
     import subprocess
     import sys
 
-    cache = synthetic[0]
+    # A policy other than the default: the chosen configuration must carry it to tools.export.
+    cache = dataclasses.replace(synthetic[0], policy=policy.PolicyConfig("entropy", confidence_stride=8))
     cache.save(str(tmp_path / "cache.npz"))
     costs = {"unit": "MACs", "positions": list(POSITIONS), "segment": COSTS.segment, "head": COSTS.head,
              "final_head": COSTS.final_head}
@@ -201,6 +204,7 @@ def test_cli_writes_config_report_and_plot(synthetic, tmp_path):
     assert "| chosen |" in done.stdout
     config = DeploymentConfig.load(str(tmp_path / "out" / "CONFIG.json"))
     assert search.evaluate(cache, COSTS, config).miou == pytest.approx(config.metadata["predicted_miou"], abs=1e-12)
+    assert policy.PolicyConfig.from_dict(config.metadata["policy"]) == cache.policy
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["space_size"] == 1 + 6 * 9 + 12 * 81 + 8 * 729 and len(saved["pareto_front"]) > 1
     assert saved["complete"] is True
