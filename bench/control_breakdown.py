@@ -112,7 +112,8 @@ def confidence_variants(stride):
         return tf.reduce_mean(tf.cast(x, tf.float32))
     return {
         "edge_aware (library)": lambda x: policy.image_confidence_tf(x, TH_PIX, stride),
-        "top1 (library)": lambda x: policy.image_confidence_tf(x, TH_PIX, stride, policy.PolicyConfig(edge_smoothing=False)),
+        "top1 (library)": lambda x: policy.image_confidence_tf(
+            x, TH_PIX, stride, policy.PolicyConfig(edge_smoothing=False)),
         "edge_aware, confidence_stride=8 (library option)": lambda x: policy.image_confidence_tf(
             x, TH_PIX, stride, policy.PolicyConfig(confidence_stride=8)),
         "softmax": lambda x: mean(tf.nn.softmax(x, -1)),

@@ -24,9 +24,9 @@ exits of small networks, where the in-graph confidence is most of the dynamic-co
 (bench/control_breakdown.py). The class map itself is unchanged.
 
 There is one numpy implementation (used by calibration) and one TensorFlow implementation (`*_tf`,
-batched [B, H, W, C], pure TF ops that TFLite converts: slicing, max_pool2d, top_k, MIRROR_PAD) used
-inside Keras models and exported graphs; tests/test_policy.py proves they agree. Decisions never
-see labels.
+batched [B, H, W, C], pure TF ops that TFLite converts: slicing, min/max, max_pool2d, avg_pool2d,
+MIRROR_PAD) used inside Keras models and exported graphs; tests/test_policy.py proves they agree.
+Decisions never see labels.
 """
 import dataclasses
 import math
@@ -70,6 +70,8 @@ class PolicyConfig:
         """Logit pixels averaged per decision pixel along each axis for an exit at `stride`
         whose logits are `size` (H, W) pixels.
 
+        Returns:
+          int >= 1: max(1, confidence_stride // stride).
         Raises:
           ValueError: H or W is not a multiple of the pooling factor.
         """

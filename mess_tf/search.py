@@ -24,9 +24,9 @@ evaluating far fewer configurations than the space holds:
     and before going deeper its completions are bounded (see _BranchAndBound): expected cost
     from below (each running image pays at least the cheapest deeper exit that can let it out),
     mIoU from above through a linear envelope of the per-class ratios, and the two coupled by a
-    Lagrange multiplier on the budget (or on the mIoU floor). A prefix whose bound cannot beat the incumbent (or, for the
-    Pareto front, is dominated by it) is not expanded, and a configuration whose linear mIoU
-    bound or exact cost already loses is not even scored;
+    Lagrange multiplier on the budget (or on the mIoU floor). A prefix whose bound cannot beat
+    the incumbent (or, for the Pareto front, is dominated by it) is not expanded, and a
+    configuration whose linear mIoU bound or exact cost already loses is not even scored;
   * every exit's masks are evaluated at once as matrix products over images; the root's children
     are shared between processes (`workers`), which share their incumbent's mIoU or cost.
 `brute_force` enumerates the declared space plainly (and `select` picks from it); tests/test_search.py proves both agree.
