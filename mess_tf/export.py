@@ -476,6 +476,13 @@ def _stage_calibration(models, stages, images, input_size, signatures):
     return dataset
 
 
+def policy_of(config):
+    """The exit policy a DeploymentConfig was chosen under: the one its search recorded in
+    config.metadata["policy"] (the calibration cache's), else the default PolicyConfig(). The
+    predicted figures hold only for a model whose confidences use that policy."""
+    return policy.PolicyConfig.from_dict((config.metadata or {}).get("policy") or {})
+
+
 def build_model(net, config, precision, calibration_images=None, policy_config=None, staged=True):
     """Converts a deployment configuration of `net` into one .tflite.
 
@@ -485,7 +492,8 @@ def build_model(net, config, precision, calibration_images=None, policy_config=N
         "dynamic"/"anytime" give one stage per early exit plus a final stage.
       precision: one of PRECISIONS.
       calibration_images: int8 only: iterable of RGB 0..255 images [H, W, 3] (calibration split).
-      policy_config: policy.PolicyConfig for the in-graph image confidence (default PolicyConfig()).
+      policy_config: policy.PolicyConfig for the in-graph image confidence (default:
+        policy_of(config)).
       staged: True: signatures stage_1..stage_N and class_map_k for each early exit k of a
         dynamic/anytime model; False: one signature "full" running them all.
 
@@ -495,7 +503,7 @@ def build_model(net, config, precision, calibration_images=None, policy_config=N
     _check_precision(precision)
     if precision == "int8" and calibration_images is None:
         raise ValueError("int8 conversion needs calibration images (the calibration split)")
-    policy_config = policy_config or policy.PolicyConfig()
+    policy_config = policy_config or policy_of(config)
     models, stages, class_maps = _stages(net, config)
     if staged:
         functions = _stage_functions(models, stages, class_maps, policy_config, precision)
@@ -561,7 +569,8 @@ def staged_metadata(net, config, precision, stages, policy_config=None, class_na
       config: its DeploymentConfig.
       precision: one of PRECISIONS.
       stages: list of Stage (from build_model).
-      policy_config: the policy.PolicyConfig baked into the confidences.
+      policy_config: the policy.PolicyConfig baked into the confidences (default:
+        policy_of(config)).
       class_names: optional list of num_classes names (default "class_<i>").
 
     Returns:
@@ -582,7 +591,7 @@ def staged_metadata(net, config, precision, stages, policy_config=None, class_na
         "input": {"size": list(net.config.input_size), "channels": "RGB", "dtype": "float32",
                   "range": [0, 255], "batch": 1},
         "stages": [dataclasses.asdict(s) for s in stages],
-        "policy": dataclasses.asdict(policy_config or policy.PolicyConfig()),
+        "policy": (policy_config or policy_of(config)).to_dict(),
         "deployment": config.to_dict(),
         "network": net.config.to_dict(),
     }
@@ -597,7 +606,7 @@ def export_staged_model(path, net, config, precision, calibration_images=None, p
     Returns:
       the metadata dict written.
     """
-    policy_config = policy_config or policy.PolicyConfig()
+    policy_config = policy_config or policy_of(config)
     model_bytes, stages = build_model(net, config, precision, calibration_images, policy_config)
     metadata = staged_metadata(net, config, precision, stages, policy_config, class_names)
     io_utils.write_bytes(path, model_bytes)

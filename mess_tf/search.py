@@ -66,6 +66,8 @@ class SearchResult:
       expected_cost, worst_cost: per image, in `unit`.
       exit_fractions: fraction of images leaving at each of exit_ids (early exits, then final).
       unit: "ms" or "MACs".
+      policy: the exit policy (PolicyConfig.to_dict()) the cache's confidences were computed with:
+        the predictions hold for a model that decides with it.
     """
 
     mode: str
@@ -75,15 +77,17 @@ class SearchResult:
     worst_cost: float
     exit_fractions: tuple
     unit: str
+    policy: dict = None
 
     @property
     def exit_ids(self):
         return self.deployment_config().exit_ids
 
     def deployment_config(self, network=None, metadata=None):
-        """The DeploymentConfig to export, with the predicted figures in its metadata."""
+        """The DeploymentConfig to export, with the predicted figures and the policy they hold for
+        in its metadata (export.export_staged_model bakes that policy into the model)."""
         predicted = {"predicted_miou": self.miou, "expected_cost": self.expected_cost,
-                     "worst_cost": self.worst_cost, "unit": self.unit,
+                     "worst_cost": self.worst_cost, "unit": self.unit, "policy": self.policy,
                      "exit_fractions": dict(zip(DeploymentConfig(self.mode, self.exits).exit_ids,
                                                 self.exit_fractions))}
         return DeploymentConfig(self.mode, self.exits, network, dict(predicted, **(metadata or {})))
@@ -148,6 +152,7 @@ class _Problem:
     pairs: list           # per exit: [M] (th_pix, th_img) representing each mask
     grid_size: int        # (th_pix, th_img) pairs per exit
     unit: str
+    policy: dict          # the cache's PolicyConfig.to_dict()
 
     @property
     def num_images(self):
@@ -171,7 +176,7 @@ class _Problem:
         c = self.gt.size
         fractions = np.bincount(leaves, minlength=len(js)) / n
         return SearchResult(mode, exits, float(_miou(summed[:c], summed[c:], self.gt)),
-                            float(fractions @ costs), float(costs[-1]), tuple(fractions.tolist()), self.unit)
+                            float(fractions @ costs), float(costs[-1]), tuple(fractions.tolist()), self.unit, self.policy)
 
 
 def _problem(cache, costs, th_img_grid, allowed_exits):
@@ -208,7 +213,8 @@ def _problem(cache, costs, th_img_grid, allowed_exits):
                     np.array([costs.head_cost(e) for e in allowed]),
                     np.array([costs.class_map_cost(e) for e in allowed]),
                     costs.backbone_to(costs.positions[-1]) + float(costs.final_head),
-                    counts, gt, masks, pairs, cache.th_pix_grid.size * th_img_grid.size, costs.unit)
+                    counts, gt, masks, pairs, cache.th_pix_grid.size * th_img_grid.size, costs.unit,
+                    cache.policy.to_dict())
 
 
 def _distinct_nonempty(masks):

@@ -131,7 +131,9 @@ def test_unknown_precision_and_missing_calibration_are_clear_errors(tiny_net):
 
 
 def test_staged_model_signatures_metadata_and_weights_stored_once(tiny_net, tmp_path):
-    config = dynamic_config(tiny_net)
+    # The policy the configuration was searched under (its metadata) is the one baked in.
+    searched_under = policy.PolicyConfig("entropy", edge_smoothing=False)
+    config = dataclasses.replace(dynamic_config(tiny_net), metadata={"policy": searched_under.to_dict()})
     path = tmp_path / "model.tflite"
     metadata = export.export_staged_model(path, tiny_net, config, "float32", class_names=list("abcde"))
     on_disk = json.loads((tmp_path / "model.tflite.json").read_text())
@@ -149,6 +151,7 @@ def test_staged_model_signatures_metadata_and_weights_stored_once(tiny_net, tmp_
     assert metadata["stages"][1]["inputs"] == ["block_2_add"]
     assert metadata["stages"][1]["features"] == ["block_6_project_BN"]
     assert metadata["classes"] == list("abcde")
+    assert policy.PolicyConfig.from_dict(metadata["policy"]) == searched_under
     assert metadata["input"]["size"] == [64, 64] and metadata["mode"] == "dynamic"
     assert network.NetworkConfig.from_dict(metadata["network"]) == tiny_net.config
     assert deployment.DeploymentConfig.from_dict(metadata["deployment"]).exits == config.exits

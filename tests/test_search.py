@@ -135,6 +135,7 @@ def test_search_is_monotone_and_meets_its_constraints(synthetic):
     # The chosen configuration, rescored from the cache, is what the search predicted.
     config = search.search(cache, COSTS, TH_IMG, "min_cost", max_drop_pp=2.0, workers=1).best.deployment_config()
     assert search.evaluate(cache, COSTS, config).miou == pytest.approx(config.metadata["predicted_miou"], abs=1e-12)
+    assert config.metadata["policy"] == cache.policy.to_dict()  # what export.policy_of bakes in
 
 
 def test_impossible_constraints_are_explained(synthetic):

@@ -10,7 +10,7 @@ import os
 
 from absl import flags
 
-from mess_tf import checkpoints, deployment, export, network, policy, runtime
+from mess_tf import checkpoints, deployment, export, network, runtime
 from tools import cli
 
 FLAGS = flags.FLAGS
@@ -47,10 +47,10 @@ def main(argv):
             raise ValueError("--precision=int8 needs --calibration_data (a folder of calibration-split images)")
         images = runtime.read_images(FLAGS.calibration_data, net.config.input_size)
         calibration = [image for _, image in images[:FLAGS.max_calibration_images]]
-    policy_config = policy.PolicyConfig(**(config.metadata or {}).get("policy", {}))
     class_names = FLAGS.class_names or run_config.get("class_names")
+    # The policy the configuration was searched under travels in its metadata (export.policy_of).
     metadata = export.export_staged_model(FLAGS.output, net, config, FLAGS.precision, calibration,
-                                          policy_config, class_names)
+                                          class_names=class_names)
     print(f"wrote {FLAGS.output} ({os.path.getsize(FLAGS.output)} bytes, {FLAGS.precision}) "
           f"and {export.metadata_path(FLAGS.output)}")
     for stage in metadata["stages"]:

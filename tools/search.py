@@ -121,9 +121,7 @@ def main(argv):
     out = FLAGS.output_dir
     config = best.deployment_config(cache.network_config, {
         "objective": FLAGS.objective, **kwargs, "cache": os.path.abspath(FLAGS.cache),
-        "cache_fingerprint": cache.fingerprint, "calibration_split": cache.split,
-        # tools.export bakes this policy into the model: the one the predicted figures were computed with.
-        "policy": cache.policy.to_dict()})
+        "cache_fingerprint": cache.fingerprint, "calibration_split": cache.split})
     config.save(os.path.join(out, "CONFIG.json"))
     io_utils.write_json(os.path.join(out, "report.json"), {
         "objective": FLAGS.objective, **kwargs, "mode": FLAGS.mode, "unit": costs.unit,
