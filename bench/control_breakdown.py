@@ -75,12 +75,8 @@ def signature_rows(net, exit_ids, config, calibration, folder, threads, rounds):
     for k, names in enumerate(leaving):
         calls[f"in turn {k + 1}"] = lambda steps=[calls[n] for n in names]: [step() for step in steps]
     for k, static_bytes in enumerate(statics):
-        runner = bench.interpreter(static_bytes, threads).get_signature_runner()
-        (input_name, detail), = runner.get_input_details().items()
-        calls[f"static {k + 1}"] = lambda runner=runner, name=input_name, detail=detail: runner(
-            **{name: runtime._quantise(image[None], detail)})
-        th_img = [0.0 if i == k else float("inf") for i in range(len(exit_ids))]
-        calls[f"runtime {k + 1}"] = lambda th_img=th_img: model.run(image, "dynamic", th_img)
+        calls[f"static {k + 1}"] = bench.static_call(static_bytes, image, threads)
+        calls[f"runtime {k + 1}"] = lambda th_img=bench.forced_exit(k, len(exit_ids)): model.run(image, "dynamic", th_img)
     ms = {name: timing.median_ms for name, timing in bench.alternate(calls, rounds).items()}
     rows = []
     for k, (eid, names) in enumerate(zip(model.exit_ids, leaving)):

@@ -226,6 +226,20 @@ def static_models(net, exit_ids, precision, calibration):
     return models
 
 
+def forced_exit(k, num_early_exits):
+    """th_img making a dynamic model leave at exit k (0-based; num_early_exits: the final one):
+    confidences lie in [0, 1], so threshold 0 always exits and +inf never does."""
+    return [0.0 if i == k else float("inf") for i in range(num_early_exits)]
+
+
+def static_call(model_bytes, image, threads):
+    """A callable running a single-signature model on a float image, quantised on the way in
+    as the runtime quantises it, so that both sides of a comparison pay the same for it."""
+    runner = interpreter(model_bytes, threads).get_signature_runner()
+    (input_name, detail), = runner.get_input_details().items()
+    return lambda: runner(**{input_name: runtime._quantise(image[None], detail)})
+
+
 def control(dynamic_paths, statics, exit_ids, input_size, threads, rounds):
     """Per exit k: the runtime running each dynamic staged model, forced to leave at k, vs the
     static model of the same layers, timed in alternation. All take the same float image and
@@ -242,16 +256,12 @@ def control(dynamic_paths, statics, exit_ids, input_size, threads, rounds):
     image = random_images(1, input_size, seed=1)[0]
     rows = []
     for k, (eid, static_bytes) in enumerate(zip(list(exit_ids) + [deployment.FINAL_EXIT], statics)):
-        # Confidences lie in [0, 1]: threshold 0 always exits, +inf never does.
-        th_img = [0.0 if i == k else float("inf") for i in range(len(exit_ids))]
+        th_img = forced_exit(k, len(exit_ids))
         for name, model in dynamic.items():
             if model.run(image, "dynamic", th_img).exit_index != k:
                 raise RuntimeError(f"{name}: thresholds {th_img} did not force exit {k}")
-        runner = interpreter(static_bytes, threads).get_signature_runner()
-        (input_name, detail), = runner.get_input_details().items()
         calls = {name: lambda model=model: model.run(image, "dynamic", th_img) for name, model in dynamic.items()}
-        # The runtime's own quantisation, so that both sides pay the same for it.
-        calls["static"] = lambda: runner(**{input_name: runtime._quantise(image[None], detail)})
+        calls["static"] = static_call(static_bytes, image, threads)
         ms = alternate(calls, rounds)
         row = {"exit": eid, "static_ms": ms["static"].median_ms}
         for name in dynamic:

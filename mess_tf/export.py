@@ -166,6 +166,11 @@ def _class_map(logits):
     return tf.cast(tf.argmax(logits, axis=-1), tf.uint8)
 
 
+def _class_map_outputs(logits):
+    """The outputs of a signature ending at a class map: {CLASS_MAP: uint8 [1, H, W]}."""
+    return {CLASS_MAP: _class_map(logits)}
+
+
 def _confidence(coarse_logits, th_pix, stride, policy_config, precision):
     """Image confidence [1] of an exit from its coarse logits (its own output resolution, as in
     calibration), computed in the graph by the exit policy."""
@@ -212,16 +217,20 @@ def _parts(net, exit_ids):
         parts[table.part_key(table.HEAD, eid)] = (
             keras.Model(source, graph.replay(net.coarse_logits(eid), [(feature, source)]),
                         name="head_" + network._io_name(eid)), {network._io_name(net.position_of(eid).name): feature})
-    for position, eid in _class_map_exits(net, exit_ids).items():
+    for position, eid in class_map_exits(net, exit_ids).items():
         parts[table.part_key(table.CLASS_MAP, position)] = (_class_map_model(net, eid),
                                                             {COARSE_LOGITS: net.coarse_logits(eid)})
     parts[table.FINAL_HEAD] = _final_head_part(net)
     return parts
 
 
-def _class_map_exits(net, exit_ids):
+def class_map_exits(net, exit_ids):
     """Position name -> one exit there: every head at a position gives coarse logits of the same
-    shape, upsampled the same way, so one class-map part per position times them all."""
+    shape, upsampled the same way, so one class-map part per position times them all.
+
+    Raises:
+      ValueError: two exits at one position give coarse logits of different shapes.
+    """
     exits = {}
     for eid in exit_ids:
         position = net.position_of(eid).name
@@ -319,7 +328,7 @@ def _part_outputs(net, key, precision, policy_config):
                     CONFIDENCE: _confidence(coarse, PROFILE_TH_PIX, stride, policy_config, precision)}
         return head
     if kind in (table.CLASS_MAP, table.FINAL_HEAD):
-        return lambda logits: {CLASS_MAP: _class_map(logits)}
+        return _class_map_outputs
     return None
 
 
@@ -428,7 +437,7 @@ def _stage_functions(models, stages, class_maps, policy_config, precision):
 
     functions = {s.signature: _signature_function(s.signature, m, wrap(s)) for m, s in zip(models, stages)}
     for key, model in class_maps.items():
-        functions[key] = _signature_function(key, model, lambda logits: {CLASS_MAP: _class_map(logits)})
+        functions[key] = _signature_function(key, model, _class_map_outputs)
     return functions
 
 

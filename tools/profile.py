@@ -60,13 +60,13 @@ def _calibration_images(net):
     return [rng.uniform(0, 255, (*net.backbone.input_size, 3)).astype(np.float32) for _ in range(8)]
 
 
-def _part_macs(net):
+def _part_macs(net, class_map_positions):
     """Part key -> MACs per image, from the analytic cost model."""
     costs = cost_model.costs_of(net)
     macs = {table_lib.part_key(table_lib.SEGMENT, k): v.macs for k, v in costs.segments.items()}
     macs.update({table_lib.part_key(table_lib.HEAD, e): costs.heads[e].macs for e in net.exit_ids})
     # Upsampling and argmax are free in the MAC count (latency/macs.py).
-    macs.update({table_lib.part_key(table_lib.CLASS_MAP, net.position_of(e).name): 0 for e in net.exit_ids})
+    macs.update({table_lib.part_key(table_lib.CLASS_MAP, p): 0 for p in class_map_positions})
     macs[table_lib.FINAL_HEAD] = costs.final_head.macs
     return macs
 
@@ -74,11 +74,11 @@ def _part_macs(net):
 def main(argv):
     del argv
     net = _network()
-    exit_positions = {net.position_of(e).name for e in net.exit_ids}  # one class-map part each
-    count = len(net.backbone.positions) + len(net.exit_ids) + len(exit_positions) + 1
+    class_map_positions = export.class_map_exits(net, net.exit_ids)  # one class-map part each
+    count = len(net.backbone.positions) + len(net.exit_ids) + len(class_map_positions) + 1
     print(f"converting {count} parts to {FLAGS.precision} TFLite...")
     models = export.convert_parts(net, FLAGS.precision, _calibration_images(net))
-    macs = _part_macs(net)
+    macs = _part_macs(net, class_map_positions)
     positions = [p.name for p in net.backbone.positions]
     if FLAGS.device == "host":
         parts = {k: table_lib.PartModel(v, macs=macs.get(k)) for k, v in models.items()}

@@ -79,6 +79,9 @@ def _row(name, r):
             "final_fraction": r.exit_fractions[-1]}
 
 
+PROGRESS_S = 5.0
+
+
 def _progress(name):
     """A search progress callback printing at most every PROGRESS_S seconds."""
     last = [time.monotonic()]
@@ -88,9 +91,6 @@ def _progress(name):
             last[0] = time.monotonic()
             print(f"  {name}: {done}/{total} first exits expanded", flush=True)
     return report_progress
-
-
-PROGRESS_S = 5.0
 
 
 def main(argv):

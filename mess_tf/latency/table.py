@@ -3,7 +3,8 @@
 A LatencyTable holds, for one (device, precision, threads, input size), the latency of each
 backbone segment (keyed by the candidate position it ends at), each exit head up to its image
 confidence (keyed by exit id `position:head_id`), the class map of an exit at each position
-(upsampling the coarse logits and the argmax: the same for every head there), and the final head, each with its median and p90 over repeated timed runs after warm-up, plus its MACs. Heads
+(upsampling the coarse logits and the argmax: the same for every head there), and the final
+head, each with its median and p90 over repeated timed runs after warm-up, plus its MACs. Heads
 and class maps are apart because a staged model computes an exit's class map only for the
 images that leave there (export.py). A configuration's latency is composed from it with the same
 arithmetic as the MAC cost model (costs.CostTable).
