@@ -4,8 +4,8 @@
   python -m android_bench --benchmark_binary=~/bin/benchmark_model --models=PARTS_DIR \
       --devices=SERIAL1,SERIAL2 --num_threads=1,4 --output=tables/{serial}_t{threads}.json
 
-PARTS_DIR holds the part .tflite files and their parts.json (mess_tf.latency.table.PartManifest,
-written when the parts are exported). Phones run in parallel; an interrupted run resumes where it
+PARTS_DIR holds the part .tflite files and their parts.json (mess_tf.latency.table.PartManifest),
+as `python -m tools.profile --device=none --parts_dir=PARTS_DIR` writes them. Phones run in parallel; an interrupted run resumes where it
 stopped when started again with the same --output.
 """
 import sys
@@ -60,7 +60,7 @@ def _jobs(manifest, serial, thread_counts):
             enable_op_profiling=FLAGS.enable_op_profiling, pin_big_cores=FLAGS.pin_big_cores)
         path = FLAGS.output.format(serial=serial, threads=threads)
         jobs.append(benchmark.TableJob(path, manifest.positions, manifest.parts, manifest.precision,
-                                       manifest.input_size, options))
+                                       manifest.input_size, options, manifest.policy))
     return jobs
 
 

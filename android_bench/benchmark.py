@@ -25,6 +25,7 @@ import time
 from android_bench import adb as adb_lib
 from mess_tf.latency import table as table_lib
 from mess_tf.latency.table import Timing
+from mess_tf.policy import PolicyConfig
 
 
 class BenchmarkError(adb_lib.AdbError):
@@ -236,6 +237,7 @@ class TableJob:
       precision: the models' precision ("float32" | "float16" | "int8").
       input_size: (H, W) the models were built for.
       options: BenchmarkOptions.
+      policy: the PolicyConfig the head models compute their confidence with.
     """
 
     path: str
@@ -244,6 +246,7 @@ class TableJob:
     precision: str
     input_size: tuple
     options: BenchmarkOptions = BenchmarkOptions()
+    policy: PolicyConfig = PolicyConfig()
 
 
 def run_job(phone, job, notes=""):
@@ -256,7 +259,7 @@ def run_job(phone, job, notes=""):
                            "android": device.android},
                 "options": dataclasses.asdict(job.options), "cooldown": dataclasses.asdict(phone.cooldown),
                 "notes": notes}
-    empty = table_lib.LatencyTable(key, job.positions, metadata=metadata)
+    empty = table_lib.LatencyTable(key, job.positions, metadata=metadata, policy=job.policy)
 
     def measure(part):
         model = job.parts[part]

@@ -194,12 +194,15 @@ class Experiment:
         net = self.load("stage2")
         _, images, _ = self._split_arrays("calibration")
         timing = host.HostTimingConfig(num_threads=1, warmup_runs=3, num_runs=self.preset.timing_runs)
+        # The heads are timed with the confidence the cache was calibrated with (the search checks).
+        policy_config = calibration.CalibrationCache.load(self.path("calibration.npz")).policy
         for precision in PRECISIONS:
-            models = export.convert_parts(net, precision, list(images[:self.preset.quantization_images]))
+            models = export.convert_parts(net, precision, list(images[:self.preset.quantization_images]),
+                                          policy_config=policy_config)
             key = table_lib.TableKey(host.host_device(), precision, 1, net.backbone.input_size)
             host.measure_parts({k: table_lib.PartModel(v) for k, v in models.items()},
                                self.path(f"latency_{precision}.json"), key,
-                               [p.name for p in net.backbone.positions], timing)
+                               [p.name for p in net.backbone.positions], timing, policy_config=policy_config)
             self.progress(f"  profiled {len(models)} parts in {precision}")
 
     def cost_table(self, precision="int8"):

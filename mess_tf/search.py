@@ -182,6 +182,11 @@ class _Problem:
 def _problem(cache, costs, th_img_grid, allowed_exits):
     if costs.unit not in ("ms", "MACs"):
         raise ValueError(f"cost table unit {costs.unit!r} is not 'ms' or 'MACs'")
+    if costs.policy is not None and costs.policy != cache.policy:
+        # A head's latency includes its image confidence: another policy costs another time.
+        raise ValueError(f"the latency table timed the exit heads' confidence with policy {costs.policy.to_dict()}, "
+                         f"but the calibration cache was made with {cache.policy.to_dict()}: profile again with "
+                         f"the cache's policy (tools.profile --confidence/--edge_smoothing/--confidence_stride)")
     allowed = list(cache.exit_ids) if allowed_exits is None else list(allowed_exits)
     unknown = [e for e in allowed if e not in cache.exit_ids]
     if unknown:

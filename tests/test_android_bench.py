@@ -19,6 +19,7 @@ from android_bench import benchmark, farm
 from mess_tf.deployment import DeploymentConfig
 from mess_tf.latency import table as table_lib
 from mess_tf.latency.table import LatencyTable, PartModel
+from mess_tf.policy import PolicyConfig
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TESTDATA = ROOT / "android_bench" / "testdata"
@@ -334,13 +335,14 @@ def test_cli_lists_devices_and_writes_a_table(tmp_path, fake_adb_on_path, parts,
     assert listing.returncode == 0, listing.stderr
     assert re.search(rf"{PIXEL}\s+device\s+Pixel 7\s+GS201\s+14", listing.stdout)
 
-    table_lib.PartManifest(POSITIONS, parts, "int8", (64, 64)).save(tmp_path / "parts")
+    stride8 = PolicyConfig(confidence_stride=8)  # the heads' confidence: the table must say so
+    table_lib.PartManifest(POSITIONS, parts, "int8", (64, 64), stride8).save(tmp_path / "parts")
     output = tmp_path / "tables" / "{serial}.json"
     done = _cli(f"--benchmark_binary={binary}", f"--models={tmp_path / 'parts'}", f"--devices={PIXEL}",
                 f"--output={output}", "--cooldown_s=0", "--num_threads=2")
     assert done.returncode == 0, done.stderr
     table = LatencyTable.load(tmp_path / "tables" / f"{PIXEL}.json")
-    assert table.key.threads == 2 and len(table.part_keys()) == 4
+    assert table.key.threads == 2 and len(table.part_keys()) == 4 and table.policy == stride8
     assert f"{PIXEL}: 4 parts" in done.stdout
 
     missing = _cli("--benchmark_binary=/nowhere/benchmark_model", f"--models={tmp_path / 'parts'}",

@@ -10,6 +10,7 @@ from mess_tf.keras_lib import keras, layers
 from mess_tf.latency import host
 from mess_tf.latency import table as table_lib
 from mess_tf.latency.table import LatencyTable, PartLatency, TableKey, Timing
+from mess_tf.policy import PolicyConfig
 
 FAST = host.HostTimingConfig(num_threads=1, warmup_runs=2, num_runs=7)
 
@@ -115,8 +116,9 @@ def test_measure_parts_fills_and_resumes(tmp_path, float_model, monkeypatch):
     key = TableKey(host.host_device(), "float32", 1, (16, 16))
     path = str(tmp_path / "table.json")
     parts = {"segment:p1": float_model, "head:p1:fcn": table_lib.PartModel(float_model, macs=1234)}
-    table = host.measure_parts(parts, path, key, ["p1", "p2"], FAST)
-    assert table.part_keys() == ["segment:p1", "head:p1:fcn"]
+    stride8 = PolicyConfig(confidence_stride=8)  # what the head models were converted with
+    table = host.measure_parts(parts, path, key, ["p1", "p2"], FAST, policy_config=stride8)
+    assert table.part_keys() == ["segment:p1", "head:p1:fcn"] and table.policy == stride8
     assert table.heads["p1:fcn"].macs == 1234 and table.heads["p1:fcn"].runs == FAST.num_runs
     assert table.metadata["runtime"].startswith("ai-edge-litert")
 
@@ -124,7 +126,7 @@ def test_measure_parts_fills_and_resumes(tmp_path, float_model, monkeypatch):
     real_measure = host.measure
     monkeypatch.setattr(host, "measure", lambda *a, **k: timed.append(a) or real_measure(*a, **k))
     parts.update({"segment:p2": float_model, "final_head": float_model})
-    table = host.measure_parts(parts, path, key, ["p1", "p2"], FAST)
+    table = host.measure_parts(parts, path, key, ["p1", "p2"], FAST, policy_config=stride8)
     assert len(timed) == 2 and table.final_head is not None
     assert LatencyTable.load(path) == table
     with pytest.raises(ValueError, match="num_threads=1"):

@@ -6,6 +6,7 @@ import pytest
 
 from mess_tf.deployment import DeploymentConfig, ExitChoice
 from mess_tf.latency import table as table_lib
+from mess_tf.policy import PolicyConfig
 from mess_tf.latency.table import LatencyTable, PartLatency, TableKey, Timing
 
 POSITIONS = ("p1", "p2", "p3")
@@ -51,6 +52,22 @@ def test_save_load_round_trip(tmp_path):
     assert json.loads(path.read_text())["key"]["input_size"] == [64, 96]
 
 
+def test_the_policy_the_heads_were_timed_with_travels_with_the_table(tmp_path):
+    stride8 = PolicyConfig(confidence_stride=8)
+    table = _full_table()
+    table.policy = stride8
+    table.save(tmp_path / "t.json")
+    loaded = LatencyTable.load(tmp_path / "t.json")
+    assert loaded.policy == stride8 and loaded.cost_table().policy == stride8
+    # Tables saved before the policy was recorded were timed with the default one.
+    d = table.to_dict()
+    del d["policy"]
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    assert LatencyTable.load(tmp_path / "old.json").policy == PolicyConfig()
+    with pytest.raises(ValueError, match="heads were timed with different exit policies"):
+        _full_table().merge(table)
+
+
 def test_composition_matches_hand_arithmetic():
     table = _full_table()
     dynamic = DeploymentConfig("dynamic", [ExitChoice("p1", "fcn"), ExitChoice("p2", "fcn")])
@@ -90,6 +107,8 @@ def test_incomplete_table_cannot_compose():
     (lambda d: d["class_maps"].update(p9=d["segments"]["p1"]), r"class_map entries \['p9'\] are not among"),
     (lambda d: d.update(version=1), "a version 1 table timed heads with their full-resolution logits"),
     (lambda d: d.update(heads=[]), "heads must be an object"),
+    (lambda d: d.update(policy="top1"), "policy must be an object"),
+    (lambda d: d.update(policy={"confidence_stride": 3}), "confidence_stride must be a power of two"),
 ])
 def test_load_rejects_bad_files_naming_them(tmp_path, mutate, message):
     d = _full_table().to_dict()
@@ -146,6 +165,9 @@ def test_fill_table_keeps_finished_parts_and_resumes(tmp_path):
     elsewhere = LatencyTable(TableKey("host:x86_64", "float32", 2, (64, 96)), POSITIONS)
     with pytest.raises(ValueError, match="cannot resume from .*different keys.*move it away"):
         table_lib.fill_table(path, elsewhere, parts, works)
+    other_policy = LatencyTable(KEY, POSITIONS, policy=PolicyConfig(edge_smoothing=False))
+    with pytest.raises(ValueError, match="cannot resume from .*different exit policies.*move it away"):
+        table_lib.fill_table(path, other_policy, parts, works)
     old = table.to_dict()
     old["version"] = 1
     path.write_text(json.dumps(old))
@@ -165,3 +187,13 @@ def test_part_manifest_round_trip_and_missing_model(tmp_path):
     (tmp_path / "parts.json").write_text(json.dumps({"positions": ["p1"], "parts": {}}))
     with pytest.raises(ValueError, match="part manifest .* is malformed"):
         table_lib.PartManifest.load(tmp_path)
+
+
+def test_part_manifest_write_saves_models_and_policy(tmp_path):
+    models = {"segment:p1": table_lib.PartModel(b"seg", macs=7), "head:p1/add:fcn_w32_b1": table_lib.PartModel(b"head")}
+    written = table_lib.PartManifest.write(tmp_path / "parts", models, POSITIONS, "int8", (64, 96),
+                                           PolicyConfig(confidence_stride=8))
+    assert (tmp_path / "parts" / "head__p1_add__fcn_w32_b1.tflite").read_bytes() == b"head"  # no subfolder
+    loaded = table_lib.PartManifest.load(tmp_path / "parts")
+    assert loaded == written and loaded.policy == PolicyConfig(confidence_stride=8)
+    assert loaded.parts["segment:p1"].macs == 7 and open(loaded.parts["segment:p1"].model, "rb").read() == b"seg"

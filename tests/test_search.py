@@ -148,6 +148,17 @@ def test_impossible_constraints_are_explained(synthetic):
         search.search(cache, COSTS, TH_IMG, "max_miou")
 
 
+def test_a_latency_table_timed_under_another_policy_is_refused(synthetic):
+    cache = synthetic[0]
+    timed_alike = dataclasses.replace(COSTS, policy=policy.PolicyConfig())
+    assert search.evaluate(cache, timed_alike, DeploymentConfig("dynamic")) == search.evaluate(
+        cache, COSTS, DeploymentConfig("dynamic"))
+    timed_at_stride8 = dataclasses.replace(COSTS, policy=policy.PolicyConfig(confidence_stride=8))
+    with pytest.raises(ValueError, match="latency table timed the exit heads' confidence with policy .*"
+                                         "'confidence_stride': 8.*profile again"):
+        search.search(cache, timed_at_stride8, TH_IMG, "pareto", workers=1)
+
+
 def test_allowed_exits_restrict_the_space(synthetic):
     cache = synthetic[0]
     allowed = [e for e in EXITS if e.endswith("w0_b0")]

@@ -5,26 +5,24 @@
 
 Resumable: partial results are saved beside the output every --checkpoint_every images, and a
 rerun continues from them. The cache records the network config and a fingerprint of the
-checkpoint; the search refuses a cache that does not match.
+checkpoint; the search refuses a cache that does not match. The exit policy (--confidence,
+--edge_smoothing, --confidence_stride) must be the latency table's too: give tools.profile the same
+flags (the search refuses a table timed under another policy).
 """
 import time
 
 import numpy as np
 from absl import flags
 
-from mess_tf import calibration, checkpoints, policy
+from mess_tf import calibration, checkpoints
 from mess_tf.data import pipeline, registry
-from tools import cli
+from tools import cli, policy_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Stage-2 run directory or checkpoint.", required=True)
 flags.DEFINE_enum("dataset", "demo", registry.DATASETS, "Dataset reader.")
 flags.DEFINE_string("data_dir", None, "Dataset root.", required=True)
 flags.DEFINE_string("split", "calibration", "Split to calibrate on (never the test split).")
-flags.DEFINE_enum("confidence", "top1", ["top1", "entropy"], "Pixel confidence.")
-flags.DEFINE_bool("edge_smoothing", True, "Median-smooth confidence near the exit's own semantic edges.")
-flags.DEFINE_integer("confidence_stride", 1, "Exits finer than this stride (a power of two) decide on logits "
-                     "average-pooled to it: a cheaper in-graph confidence. 1: each exit at its own resolution.")
 flags.DEFINE_integer("th_pix_steps", 10, "Pixel thresholds on the grid (evenly spaced in [0.5, 0.95]).")
 flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
 flags.DEFINE_integer("checkpoint_every", 64, "Save partial results every N images.")
@@ -38,8 +36,7 @@ def main(argv):
     net, _ = checkpoints.load_network(FLAGS.checkpoint)
     dataset = registry.get_dataset(FLAGS.dataset, FLAGS.data_dir)
     samples = dataset.samples(FLAGS.split)
-    config = policy.PolicyConfig(confidence=FLAGS.confidence, edge_smoothing=FLAGS.edge_smoothing,
-                                 confidence_stride=FLAGS.confidence_stride)
+    config = policy_flags.policy_config()
     grid = np.linspace(0.5, 0.95, FLAGS.th_pix_steps)
     start = time.time()
     cache = calibration.calibrate_network(

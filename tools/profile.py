@@ -4,20 +4,26 @@
       --calibration_data=DATA/images/calibration --output=latency_int8.json
   python -m tools.profile --backbone=mobilenet_v2 --input_size=512 --device=adb:SERIAL \
       --benchmark_binary=./benchmark_model --precision=float32 --output=pixel7_fp32.json
+  python -m tools.profile --checkpoint=runs/demo/stage2 --precision=int8 --device=none --parts_dir=parts_int8
+      (then: python -m android_bench --models=parts_int8 ... to time several phones at once)
 
 Each part is converted to TFLite on its own and timed after warm-up (median and p90 of repeated runs):
 on the host with the LiteRT interpreter (XNNPACK), on a phone with the user's benchmark_model over adb.
 The table is saved after each part, so an interrupted run resumes where it stopped.
+
+A head's time includes its in-graph image confidence, so profile with the exit policy the
+calibration cache was made with (the same --confidence, --edge_smoothing, --confidence_stride as
+tools.calibrate); the table records it and the search refuses a table timed under another policy.
 """
 import os
 
 import numpy as np
 from absl import flags
 
-from mess_tf import backbones, checkpoints, cost_model, export, heads, io_utils, network, runtime
+from mess_tf import backbones, checkpoints, cost_model, export, heads, network, runtime
 from mess_tf.latency import host
 from mess_tf.latency import table as table_lib
-from tools import cli
+from tools import cli, policy_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Training run directory or checkpoint: profile its architecture and exits.")
@@ -27,7 +33,8 @@ flags.DEFINE_integer("output_stride", 16, "Without --checkpoint: backbone output
 flags.DEFINE_float("alpha", 1.0, "Without --checkpoint: MobileNet width multiplier.")
 flags.DEFINE_integer("num_classes", 21, "Without --checkpoint: classes.")
 flags.DEFINE_list("heads", None, "Without --checkpoint: exit-head ids (default: the default head space).")
-flags.DEFINE_string("device", "host", "`host`, or `adb:SERIAL` for a phone.")
+flags.DEFINE_string("device", "host", "`host`, `adb:SERIAL` for a phone, or `none` to time nothing (with "
+                    "--parts_dir: only write the part models).")
 flags.DEFINE_enum("precision", "float32", export.PRECISIONS, "TFLite precision.")
 flags.DEFINE_string("calibration_data", None, "int8: folder of calibration images (default: random images, "
                     "which is fine for latency but not for accuracy).")
@@ -35,7 +42,9 @@ flags.DEFINE_integer("threads", 1, "Interpreter / benchmark_model threads.")
 flags.DEFINE_integer("num_runs", 50, "Timed runs per part.")
 flags.DEFINE_integer("warmup_runs", 5, "Untimed runs per part first.")
 flags.DEFINE_string("benchmark_binary", None, "adb: the benchmark_model binary for the phone's ABI.")
-flags.DEFINE_string("output", None, "Output LatencyTable JSON.", required=True)
+flags.DEFINE_string("parts_dir", None, "Also write the part models and their parts.json here (what "
+                    "`python -m android_bench --models` reads). --device=adb: default OUTPUT_parts.")
+flags.DEFINE_string("output", None, "Output LatencyTable JSON (not with --device=none).")
 
 
 def _network():
@@ -71,49 +80,64 @@ def _part_macs(net, class_map_positions):
     return macs
 
 
+def _check_flags():
+    """Raises ValueError for flags that cannot work, before the (slow) conversion."""
+    if FLAGS.device not in ("host", "none") and not FLAGS.device.startswith("adb:"):
+        raise ValueError(f"--device={FLAGS.device!r}: expected `host`, `adb:SERIAL` or `none`")
+    if FLAGS.device == "none" and not FLAGS.parts_dir:
+        raise ValueError("--device=none times nothing: give --parts_dir to write the part models")
+    if FLAGS.device != "none" and not FLAGS.output:
+        raise ValueError("give --output=TABLE.json for the latency table")
+    if FLAGS.device.startswith("adb:") and not FLAGS.benchmark_binary:
+        raise ValueError("--device=adb:... needs --benchmark_binary (the TFLite benchmark_model for the phone)")
+
+
 def main(argv):
     del argv
+    _check_flags()
     net = _network()
+    policy_config = policy_flags.policy_config()
     class_map_positions = export.class_map_exits(net, net.exit_ids)  # one class-map part each
     count = len(net.backbone.positions) + len(net.exit_ids) + len(class_map_positions) + 1
     print(f"converting {count} parts to {FLAGS.precision} TFLite...")
-    models = export.convert_parts(net, FLAGS.precision, _calibration_images(net))
+    models = export.convert_parts(net, FLAGS.precision, _calibration_images(net), policy_config=policy_config)
     macs = _part_macs(net, class_map_positions)
     positions = [p.name for p in net.backbone.positions]
+    parts = {k: table_lib.PartModel(v, macs=macs.get(k)) for k, v in models.items()}
+    parts_dir = FLAGS.parts_dir
+    if FLAGS.device.startswith("adb:"):
+        parts_dir = parts_dir or os.path.splitext(FLAGS.output)[0] + "_parts"
+    if parts_dir:
+        parts = table_lib.PartManifest.write(parts_dir, parts, positions, FLAGS.precision, net.backbone.input_size,
+                                             policy_config).parts
+        print(f"wrote {len(parts)} part models and {table_lib.MANIFEST_NAME} to {parts_dir}")
+    if FLAGS.device == "none":
+        return
     if FLAGS.device == "host":
-        parts = {k: table_lib.PartModel(v, macs=macs.get(k)) for k, v in models.items()}
         key = table_lib.TableKey(host.host_device(), FLAGS.precision, FLAGS.threads, net.backbone.input_size)
         timing = host.HostTimingConfig(num_threads=FLAGS.threads, warmup_runs=FLAGS.warmup_runs,
                                        num_runs=FLAGS.num_runs)
-        table = host.measure_parts(parts, FLAGS.output, key, positions, timing)
-    elif FLAGS.device.startswith("adb:"):
-        table = _profile_phone(FLAGS.device.partition(":")[2], models, macs, positions, net.backbone.input_size)
+        table = host.measure_parts(parts, FLAGS.output, key, positions, timing, policy_config=policy_config)
     else:
-        raise ValueError(f"--device={FLAGS.device!r}: expected `host` or `adb:SERIAL`")
+        table = _profile_phone(FLAGS.device.partition(":")[2], parts, positions, net.backbone.input_size,
+                               policy_config)
     print(f"wrote {FLAGS.output}: {len(table.part_keys())} parts on {table.key.device}")
     for k in table.part_keys():
         entry = table.get(k)
         print(f"  {k:<60} median {entry.median_ms:8.3f} ms  p90 {entry.p90_ms:8.3f} ms")
 
 
-def _profile_phone(serial, models, macs, positions, input_size):
+def _profile_phone(serial, parts, positions, input_size, policy_config):
     from android_bench import adb as adb_lib
     from android_bench import benchmark
 
-    if not FLAGS.benchmark_binary:
-        raise ValueError("--device=adb:... needs --benchmark_binary (the TFLite benchmark_model for the phone)")
-    folder = os.path.splitext(FLAGS.output)[0] + "_parts"
-    parts = {}
-    for k, data in models.items():
-        path = os.path.join(folder, k.replace(":", "__").replace("/", "_") + ".tflite")
-        io_utils.write_bytes(path, data)
-        parts[k] = table_lib.PartModel(path, macs=macs.get(k))
     adb = adb_lib.Adb()
     device = adb_lib.select_devices(adb_lib.list_devices(adb), [serial])[0]
     phone = benchmark.Phone(adb, device, FLAGS.benchmark_binary)
     options = benchmark.BenchmarkOptions(num_threads=FLAGS.threads, num_runs=FLAGS.num_runs,
                                          warmup_runs=FLAGS.warmup_runs)
-    job = benchmark.TableJob(FLAGS.output, tuple(positions), parts, FLAGS.precision, tuple(input_size), options)
+    job = benchmark.TableJob(FLAGS.output, tuple(positions), parts, FLAGS.precision, tuple(input_size), options,
+                             policy_config)
     return benchmark.run_job(phone, job)
 
 

@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 
 from mess_tf.deployment import FINAL_EXIT
+from mess_tf.policy import PolicyConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,8 @@ class CostTable:
       class_map: position name -> cost of the class map of an exit there (from its coarse logits),
         paid only by the images that leave there; None where the unit has no such part (MACs:
         the head's count already holds the upsampling).
+      policy: the PolicyConfig whose image confidence the head costs include (measured
+        latencies); None where they hold for any policy (MACs count no confidence).
     """
 
     positions: tuple
@@ -46,6 +49,7 @@ class CostTable:
     final_head: float
     unit: str
     class_map: Optional[dict] = None
+    policy: Optional[PolicyConfig] = None
 
     def __post_init__(self):
         object.__setattr__(self, "positions", tuple(self.positions))

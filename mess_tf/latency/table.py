@@ -6,8 +6,10 @@ confidence (keyed by exit id `position:head_id`), the class map of an exit at ea
 (upsampling the coarse logits and the argmax: the same for every head there), and the final
 head, each with its median and p90 over repeated timed runs after warm-up, plus its MACs. Heads
 and class maps are apart because a staged model computes an exit's class map only for the
-images that leave there (export.py). A configuration's latency is composed from it with the same
-arithmetic as the MAC cost model (costs.CostTable).
+images that leave there (export.py). A head's time includes its in-graph image confidence, so the
+table records the exit policy it was timed with (`policy`), and the search refuses to combine it
+with a calibration cache made under another policy. A configuration's latency is composed from it
+with the same arithmetic as the MAC cost model (costs.CostTable).
 
 Parts are named by part keys, the names model files and progress logs use:
   `segment:<position>`, `head:<position>:<head_id>`, `class_map:<position>`, `final_head`.
@@ -25,6 +27,7 @@ import numpy as np
 
 from mess_tf import io_utils
 from mess_tf.latency.costs import CostTable
+from mess_tf.policy import PolicyConfig
 
 # 2: heads end at their image confidence, class maps are parts of their own (1 timed heads
 # with their full-resolution logits).
@@ -161,6 +164,7 @@ class LatencyTable:
         logits.
       final_head: PartLatency of the final head (class map included), or None until measured.
       metadata: date, tool, runtime version, notes (JSON-serialisable).
+      policy: the PolicyConfig whose image confidence the heads were timed with.
     """
 
     key: TableKey
@@ -170,6 +174,7 @@ class LatencyTable:
     final_head: Optional[PartLatency] = None
     metadata: dict = dataclasses.field(default_factory=dict)
     class_maps: dict = dataclasses.field(default_factory=dict)
+    policy: PolicyConfig = PolicyConfig()
 
     def __post_init__(self):
         self.positions = tuple(self.positions)
@@ -232,7 +237,8 @@ class LatencyTable:
         """
         self._check_compatible(other, "merge")
         merged = LatencyTable(self.key, self.positions, dict(self.segments), dict(self.heads),
-                              self.final_head, {**self.metadata, **other.metadata}, dict(self.class_maps))
+                              self.final_head, {**self.metadata, **other.metadata}, dict(self.class_maps),
+                              self.policy)
         for key in other.part_keys():
             merged.set(key, other.get(key))
         return merged
@@ -243,6 +249,9 @@ class LatencyTable:
         if other.positions != self.positions:
             raise ValueError(f"cannot {what} latency tables with different positions: "
                              f"{list(self.positions)} vs {list(other.positions)}")
+        if other.policy != self.policy:
+            raise ValueError(f"cannot {what} latency tables whose heads were timed with different exit policies: "
+                             f"{self.policy.to_dict()} vs {other.policy.to_dict()}")
 
     # ---- composition ------------------------------------------------------------------------
 
@@ -260,7 +269,7 @@ class LatencyTable:
                          segment={p: e.stat(stat) for p, e in self.segments.items()},
                          head={h: e.stat(stat) for h, e in self.heads.items()},
                          final_head=self.final_head.stat(stat), unit="ms",
-                         class_map={h: e.stat(stat) for h, e in self.class_maps.items()})
+                         class_map={h: e.stat(stat) for h, e in self.class_maps.items()}, policy=self.policy)
 
     def expected_latency(self, config, exit_fractions, stat="median"):
         """Expected latency per image (ms) of a DeploymentConfig for a distribution over
@@ -284,6 +293,7 @@ class LatencyTable:
             "class_maps": {p: entry(self.class_maps[p]) for p in self.positions if p in self.class_maps},
             "final_head": None if self.final_head is None else entry(self.final_head),
             "metadata": self.metadata,
+            "policy": self.policy.to_dict(),
         }
 
     def save(self, path):
@@ -339,6 +349,10 @@ def _table_from_dict(d):
         if not isinstance(d[name], dict):
             raise ValueError(f"{name} must be an object, got {type(d[name]).__name__}")
     final = d["final_head"]
+    # Tables written before the policy was recorded were all timed with the default policy.
+    timed_with = d.get("policy", {})
+    if not isinstance(timed_with, dict):
+        raise ValueError(f"policy must be an object (a PolicyConfig), got {type(timed_with).__name__}")
     return LatencyTable(
         key=TableKey(key["device"], key["precision"], key["threads"], tuple(key["input_size"])),
         positions=tuple(d["positions"]),
@@ -346,7 +360,8 @@ def _table_from_dict(d):
         heads={h: _entry_from_dict(f"head:{h}", e) for h, e in d["heads"].items()},
         final_head=None if final is None else _entry_from_dict(FINAL_HEAD, final),
         metadata=dict(d["metadata"]),
-        class_maps={p: _entry_from_dict(f"class_map:{p}", e) for p, e in d["class_maps"].items()})
+        class_maps={p: _entry_from_dict(f"class_map:{p}", e) for p, e in d["class_maps"].items()},
+        policy=PolicyConfig.from_dict(timed_with))
 
 
 def resume(path, table):
@@ -359,7 +374,7 @@ def resume(path, table):
         table._check_compatible(saved, "resume")  # pylint: disable=protected-access
     except ValueError as e:
         raise ValueError(f"cannot resume from {path}: {e}; move it away or pick another output") from None
-    return saved.merge(LatencyTable(table.key, table.positions, metadata=dict(table.metadata)))
+    return saved.merge(LatencyTable(table.key, table.positions, metadata=dict(table.metadata), policy=table.policy))
 
 
 def fill_table(path, table, parts, measure, macs=None):
@@ -420,12 +435,14 @@ class PartManifest:
       parts: part key -> PartModel whose `model` is a .tflite path.
       precision: one of PRECISIONS.
       input_size: (H, W) in pixels the parts were built for.
+      policy: the PolicyConfig of the heads' image confidences (recorded in the tables).
     """
 
     positions: tuple
     parts: dict
     precision: str
     input_size: tuple
+    policy: PolicyConfig = PolicyConfig()
 
     def __post_init__(self):
         object.__setattr__(self, "positions", tuple(self.positions))
@@ -434,6 +451,27 @@ class PartManifest:
             raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if len(self.input_size) != 2 or not all(_is_int(v) and v > 0 for v in self.input_size):
             raise ValueError(f"input_size must be two positive integers (H, W), got {self.input_size!r}")
+
+    @classmethod
+    def write(cls, folder, models, positions, precision, input_size, policy=PolicyConfig()):
+        """Writes each part's model to `folder`/<part key>.tflite and the parts.json beside them.
+
+        Args:
+          models: part key -> PartModel whose `model` is the .tflite bytes.
+          positions, precision, input_size, policy: as the attributes.
+
+        Returns:
+          The PartManifest, its models the written paths.
+        """
+        parts = {}
+        for key, part in models.items():
+            parse_part_key(key)
+            path = os.path.join(folder, key.replace(":", "__").replace("/", "_") + ".tflite")  # names hold "/"
+            io_utils.write_bytes(path, part.model)
+            parts[key] = dataclasses.replace(part, model=path)
+        manifest = cls(positions, parts, precision, input_size, policy)
+        manifest.save(folder)
+        return manifest
 
     def save(self, folder):
         """Writes `folder`/parts.json, model paths stored relative to `folder`."""
@@ -444,7 +482,7 @@ class PartManifest:
                             "macs": part.macs}
         io_utils.write_json(os.path.join(folder, MANIFEST_NAME),
                             {"positions": list(self.positions), "parts": entries, "precision": self.precision,
-                             "input_size": list(self.input_size)})
+                             "input_size": list(self.input_size), "policy": self.policy.to_dict()})
 
     @classmethod
     def load(cls, path):
@@ -461,11 +499,12 @@ class PartManifest:
             for key, entry in d["parts"].items():
                 parse_part_key(key)
                 parts[key] = PartModel(os.path.join(folder, entry["model"]), entry.get("signature"), entry.get("macs"))
-            manifest = cls(tuple(d["positions"]), parts, d["precision"], tuple(d["input_size"]))
+            manifest = cls(tuple(d["positions"]), parts, d["precision"], tuple(d["input_size"]),
+                           PolicyConfig.from_dict(d.get("policy", {})))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"part manifest {path} is malformed ({e}); expected {{'positions': [...], "
                              "'precision': ..., 'input_size': [H, W], 'parts': {part key: {'model': file, "
-                             "'signature': ..., 'macs': ...}}}") from None
+                             "'signature': ..., 'macs': ...}}, 'policy': {PolicyConfig}}") from None
         for key, part in parts.items():
             if not os.path.isfile(part.model):
                 raise FileNotFoundError(f"part manifest {path}: model file for {key} not found: {part.model}")
