@@ -96,6 +96,8 @@ def test_train_pipeline_is_deterministic_resumable_and_augmented(tiny):
         np.testing.assert_array_equal(x, rx)
         np.testing.assert_array_equal(y, ry)
     assert not np.array_equal(take(seed=4, count=1)[0][0], first[0][0])
+    # Autotuning stays off: dropping an autotuned iterator stalled for up to 17 s (bench/iterator_teardown.py).
+    assert pipeline.train_dataset(samples, dataset.info, (32, 64), 4).options().autotune.enabled is False
     with pytest.raises(ValueError, match="crop_size 33x64 must be positive multiples of 32"):
         pipeline.train_dataset(samples, dataset.info, (33, 64), 4, multiple_of=32)
 
@@ -107,6 +109,7 @@ def test_eval_pipeline_keeps_order_names_and_pixels(tiny):
     assert [len(b[0]) for b in batches] == [5, 5, 5, 1]
     names = [n.decode() for b in batches for n in b[2].numpy()]
     assert names == [s.name for s in samples]
+    assert pipeline.eval_dataset(samples, dataset.info, (64, 64), 5).options().autotune.enabled is False
     np.testing.assert_array_equal(batches[0][0][1].numpy(), files.load_image(samples[1].image_path))
     numpy_batches = list(pipeline.eval_batches(samples, dataset.info, (64, 64), 5))
     np.testing.assert_array_equal(numpy_batches[3][1], batches[3][1].numpy())
