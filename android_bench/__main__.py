@@ -5,8 +5,8 @@
       --devices=SERIAL1,SERIAL2 --num_threads=1,4 --output=tables/{serial}_t{threads}.json
 
 PARTS_DIR holds the part .tflite files and their parts.json (mess_tf.latency.table.PartManifest),
-as `python -m tools.profile --device=none --parts_dir=PARTS_DIR` writes them. Phones run in parallel; an interrupted run resumes where it
-stopped when started again with the same --output.
+as `python -m tools.profile --device=none --parts_dir=PARTS_DIR` writes them. Phones run in
+parallel; an interrupted run resumes where it stopped when started again with the same --output.
 """
 import sys
 

@@ -183,7 +183,7 @@ def measure(model, signature=None, config=HostTimingConfig()):
     return measure_end_to_end(model, None if signature is None else [signature], config)
 
 
-def measure_parts(parts, path, key, positions, config=HostTimingConfig(), notes="", policy_config=None):
+def measure_parts(parts, path, key, positions, config=HostTimingConfig(), notes="", policy_config=PolicyConfig()):
     """Fills the latency table at `path` by timing each part's model on the host.
 
     Resumable: parts already in the file are skipped, the table is saved after each part.
@@ -195,8 +195,8 @@ def measure_parts(parts, path, key, positions, config=HostTimingConfig(), notes=
       positions: candidate position names in depth order.
       config: HostTimingConfig.
       notes: free text stored in the table's metadata.
-      policy_config: the PolicyConfig the head models compute their confidence with (default
-        PolicyConfig(), as export.convert_parts).
+      policy_config: the PolicyConfig the head models compute their confidence with (recorded
+        in the table; export.convert_parts's default is PolicyConfig() too).
 
     Returns:
       The LatencyTable.
@@ -207,7 +207,7 @@ def measure_parts(parts, path, key, positions, config=HostTimingConfig(), notes=
     metadata = {"tool": "mess_tf.latency.host", "runtime": runtime_version(), "delegate": "XNNPACK",
                 "warmup_runs": config.warmup_runs, "num_runs": config.num_runs,
                 "pinned_cpus": None if config.cpus is None else sorted(config.cpus), "notes": notes}
-    empty = table_lib.LatencyTable(key, positions, metadata=metadata, policy=policy_config or PolicyConfig())
+    empty = table_lib.LatencyTable(key, positions, metadata=metadata, policy=policy_config)
     return table_lib.fill_table(path, empty, list(parts), lambda k: measure(parts[k].model, parts[k].signature, config),
                                 macs={k: p.macs for k, p in parts.items() if p.macs is not None})
 
