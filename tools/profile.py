@@ -95,8 +95,8 @@ def _check_flags():
 def main(argv):
     del argv
     _check_flags()
-    net = _network()
     policy_config = policy_flags.policy_config()
+    net = _network()
     class_map_positions = export.class_map_exits(net, net.exit_ids)  # one class-map part each
     count = len(net.backbone.positions) + len(net.exit_ids) + len(class_map_positions) + 1
     print(f"converting {count} parts to {FLAGS.precision} TFLite...")
