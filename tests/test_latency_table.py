@@ -6,8 +6,8 @@ import pytest
 
 from mess_tf.deployment import DeploymentConfig, ExitChoice
 from mess_tf.latency import table as table_lib
-from mess_tf.policy import PolicyConfig
 from mess_tf.latency.table import LatencyTable, PartLatency, TableKey, Timing
+from mess_tf.policy import PolicyConfig
 
 POSITIONS = ("p1", "p2", "p3")
 KEY = TableKey("host:x86_64", "int8", 2, (64, 96))
