@@ -61,7 +61,7 @@ EXIT_HEAD = "fcn_w32_b1"
 EXIT_DEPTHS = (0.25, 0.5, 0.75)  # fractions of the backbone's MACs
 NUM_CLASSES = 21
 CALIBRATION_IMAGES = 4
-WARMUP_ROUNDS = 5
+WARMUP_RUNS = 25
 # Timed calls in a row per model and round. Each model's first call in a round finds its
 # weights evicted by the models timed before it; such cold calls made the sum of 24 part models
 # 25-30% slower than the staged models built from the same layers.
@@ -75,27 +75,20 @@ PRECISIONS = ("float32", "int8")
 
 
 def alternate(calls, rounds):
-    """Times callables in alternation: each round runs every one in turn, a block of BLOCK timed
-    calls after one untimed call, so that each is timed with its weights and buffers in cache,
-    as in an app segmenting frame after frame, while load from other processes hits all alike.
+    """Times callables taking turns (host.alternate): a block of BLOCK timed calls of each, after
+    one untimed call, round after round, so that each is timed with its weights and buffers in
+    cache, as in an app segmenting frame after frame, while load from other processes hits all
+    alike.
 
     Args:
       calls: dict name -> callable taking no arguments.
-      rounds: timed rounds (after WARMUP_ROUNDS untimed ones).
+      rounds: timed rounds (after WARMUP_RUNS untimed calls of each).
 
     Returns:
       dict name -> table.Timing (ms per call).
     """
-    times = {name: [] for name in calls}
-    for r in range(WARMUP_ROUNDS + rounds):
-        for name, call in calls.items():
-            call()
-            for _ in range(BLOCK):
-                start = time.perf_counter()
-                call()
-                if r >= WARMUP_ROUNDS:
-                    times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: table_lib.Timing.from_samples(t) for name, t in times.items()}
+    config = host.HostTimingConfig(warmup_runs=WARMUP_RUNS, num_runs=rounds * BLOCK, block_runs=BLOCK)
+    return {name: table_lib.Timing.from_samples(t) for name, t in host.alternate(calls, config).items()}
 
 
 def interpreter(model, threads):

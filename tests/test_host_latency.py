@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mess_tf import io_utils
 from mess_tf.deployment import DeploymentConfig, ExitChoice
 from mess_tf.keras_lib import keras, layers
 from mess_tf.latency import host
@@ -112,6 +113,27 @@ def test_pinning_applies_and_restores_affinity():
             pass
 
 
+def test_alternate_times_the_calls_in_turns_and_resumes():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "ab"}
+    config = host.HostTimingConfig(warmup_runs=1, num_runs=5, block_runs=2)
+    turns = []
+    samples = host.alternate(calls, config, after_turn=lambda s, turn, total: turns.append((turn, total)))
+    assert {name: len(t) for name, t in samples.items()} == {"a": 5, "b": 5}
+    # Warm-up, then per turn one untimed call and a block of up to 2 timed ones, each in turn.
+    assert "".join(order) == "ab" + "aaabbb" + "aaabbb" + "aabb"
+    assert turns == [(1, 3), (2, 3), (3, 3)]
+
+    order.clear()
+    samples = host.alternate(calls, config, samples={"a": [1.0] * 4, "b": [1.0]})
+    assert "".join(order) == "ab" + "aabbb" + "bbb"  # a needs 1 more run, b 4 more
+    assert samples["a"][:4] == [1.0] * 4 and len(samples["a"]) == len(samples["b"]) == 5
+
+    order.clear()
+    host.alternate({"a": calls["a"]}, config)  # alone: no untimed call between its blocks
+    assert order == ["a"] * 6
+
+
 def test_measure_parts_fills_and_resumes(tmp_path, float_model, monkeypatch):
     key = TableKey(host.host_device(), "float32", 1, (16, 16))
     path = str(tmp_path / "table.json")
@@ -120,17 +142,56 @@ def test_measure_parts_fills_and_resumes(tmp_path, float_model, monkeypatch):
     table = host.measure_parts(parts, path, key, ["p1", "p2"], FAST, policy_config=stride8)
     assert table.part_keys() == ["segment:p1", "head:p1:fcn"] and table.policy == stride8
     assert table.heads["p1:fcn"].macs == 1234 and table.heads["p1:fcn"].runs == FAST.num_runs
-    assert table.metadata["runtime"].startswith("ai-edge-litert")
+    assert table.metadata["runtime"].startswith("ai-edge-litert") and table.metadata["block_runs"] == FAST.block_runs
+    assert not os.path.exists(path + ".runs.json")
 
     timed = []
-    real_measure = host.measure
-    monkeypatch.setattr(host, "measure", lambda *a, **k: timed.append(a) or real_measure(*a, **k))
+    real_alternate = host.alternate
+    monkeypatch.setattr(host, "alternate", lambda calls, *a: timed.append(sorted(calls)) or real_alternate(calls, *a))
     parts.update({"segment:p2": float_model, "final_head": float_model})
     table = host.measure_parts(parts, path, key, ["p1", "p2"], FAST, policy_config=stride8)
-    assert len(timed) == 2 and table.final_head is not None
+    assert timed == [["final_head", "segment:p2"]] and table.final_head is not None
     assert LatencyTable.load(path) == table
     with pytest.raises(ValueError, match="num_threads=1"):
         host.measure_parts(parts, path, TableKey(host.host_device(), "float32", 4, (16, 16)), ["p1"], FAST)
+
+
+def test_an_interrupted_measure_parts_goes_on_from_its_saved_runs(tmp_path, float_model, monkeypatch):
+    key = TableKey(host.host_device(), "float32", 1, (16, 16))
+    path = str(tmp_path / "table.json")
+    parts = {"segment:p1": float_model, "final_head": float_model}
+    config = host.HostTimingConfig(num_threads=1, warmup_runs=1, num_runs=6, block_runs=2)
+    real_alternate = host.alternate
+
+    def interrupted_after_turn_1(calls, config, samples, after_turn):
+        def save_then_die(s, turn, turns):
+            after_turn(s, turn, turns)
+            raise KeyboardInterrupt
+        return real_alternate(calls, config, samples, save_then_die)
+
+    monkeypatch.setattr(host, "alternate", interrupted_after_turn_1)
+    with pytest.raises(KeyboardInterrupt):
+        host.measure_parts(parts, path, key, ["p1"], config)
+    saved = io_utils.read_json(path + ".runs.json")
+    assert {k: len(v) for k, v in saved["samples"].items()} == {"segment:p1": 2, "final_head": 2}
+    assert LatencyTable.load(path).part_keys() == []  # nothing half-timed in the table
+
+    resumed_from = []
+    monkeypatch.setattr(host, "alternate", lambda calls, config, samples, after_turn: resumed_from.append(
+        {k: len(v) for k, v in samples.items()}) or real_alternate(calls, config, samples, after_turn))
+    table = host.measure_parts(parts, path, key, ["p1"], config)
+    assert resumed_from == [{"segment:p1": 2, "final_head": 2}]
+    assert table.segments["p1"].runs == table.final_head.runs == 6
+    assert not os.path.exists(path + ".runs.json")
+
+    # Runs saved with other settings, or unreadable, are not reused: the table is timed afresh.
+    for stale in ('{"parts": ["segment:p1"], "num_runs": 99, "samples": {}}', "{not json"):
+        os.remove(path)
+        with open(path + ".runs.json", "w") as f:
+            f.write(stale)
+        resumed_from.clear()
+        table = host.measure_parts(parts, path, key, ["p1"], config)
+        assert resumed_from == [{}] and table.segments["p1"].runs == 6
 
 
 def test_composition_errors_arithmetic():

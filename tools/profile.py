@@ -39,8 +39,11 @@ flags.DEFINE_enum("precision", "float32", export.PRECISIONS, "TFLite precision."
 flags.DEFINE_string("calibration_data", None, "int8: folder of calibration images (default: random images, "
                     "which is fine for latency but not for accuracy).")
 flags.DEFINE_integer("threads", 1, "Interpreter / benchmark_model threads.")
-flags.DEFINE_integer("num_runs", 50, "Timed runs per part.")
-flags.DEFINE_integer("warmup_runs", 5, "Untimed runs per part first.")
+flags.DEFINE_integer("num_runs", 50, "Timed runs per part.", lower_bound=1)
+flags.DEFINE_integer("warmup_runs", 5, "Untimed runs per part first.", lower_bound=0)
+flags.DEFINE_integer("block_runs", 5, "Host: timed runs in a row per part before the next part's turn (the parts "
+                     "take turns, so that the machine's drift hits them alike); --num_runs or more times each "
+                     "part in one go.", lower_bound=1)
 flags.DEFINE_string("benchmark_binary", None, "adb: the benchmark_model binary for the phone's ABI.")
 flags.DEFINE_string("parts_dir", None, "Also write the part models and their parts.json here (what "
                     "`python -m android_bench --models` reads). --device=adb: default OUTPUT_parts.")
@@ -116,7 +119,7 @@ def main(argv):
     if FLAGS.device == "host":
         key = table_lib.TableKey(host.host_device(), FLAGS.precision, FLAGS.threads, net.backbone.input_size)
         timing = host.HostTimingConfig(num_threads=FLAGS.threads, warmup_runs=FLAGS.warmup_runs,
-                                       num_runs=FLAGS.num_runs)
+                                       num_runs=FLAGS.num_runs, block_runs=FLAGS.block_runs)
         table = host.measure_parts(parts, FLAGS.output, key, positions, timing, policy_config=policy_config)
     else:
         table = _profile_phone(FLAGS.device.partition(":")[2], parts, positions, net.backbone.input_size,

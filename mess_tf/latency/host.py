@@ -6,6 +6,11 @@ timed runs with time.perf_counter, and reports median and p90 from the per-run t
 random with a fixed seed, of the model's dtype (float32, or int8/uint8 quantised with the input's
 own scale and zero point). The process can be pinned to chosen CPUs (Linux), so that threads do
 not migrate between cores mid-measurement.
+
+The parts of a latency table are timed taking turns (`alternate`): a short block of runs of each
+part, then the next part's, round after round. A shared machine drifts (other processes, clocks)
+over the minutes a table takes; timed one after another, each part would see another moment of it,
+and the parts' relative costs, which are what the search compares, would carry that drift.
 """
 import contextlib
 import dataclasses
@@ -18,6 +23,7 @@ import time
 import numpy as np
 from ai_edge_litert import interpreter as litert
 
+from mess_tf import io_utils
 from mess_tf.latency import table as table_lib
 from mess_tf.latency.table import Timing
 from mess_tf.policy import PolicyConfig
@@ -31,6 +37,9 @@ class HostTimingConfig:
       num_threads: interpreter threads.
       warmup_runs: untimed runs before timing.
       num_runs: timed runs.
+      block_runs: timed runs in a row per model and turn when models take turns (`alternate`);
+        each block follows one untimed run, since the models timed in between may have evicted
+        its weights from the caches. num_runs or more: each model is timed in one go.
       seed: seed of the random inputs.
       cpus: CPU ids to pin the process to while timing (None: no pinning).
     """
@@ -38,11 +47,12 @@ class HostTimingConfig:
     num_threads: int = 1
     warmup_runs: int = 5
     num_runs: int = 50
+    block_runs: int = 5
     seed: int = 0
     cpus: tuple = None
 
     def __post_init__(self):
-        for name in ("num_threads", "num_runs"):
+        for name in ("num_threads", "num_runs", "block_runs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_runs < 0:
@@ -126,15 +136,44 @@ def random_inputs(input_details, seed=0):
     return inputs
 
 
-def _time_runs(run_once, config):
-    for _ in range(config.warmup_runs):
-        run_once()
-    times_ms = []
-    for _ in range(config.num_runs):
-        start = time.perf_counter()
-        run_once()
-        times_ms.append((time.perf_counter() - start) * 1e3)
-    return Timing.from_samples(times_ms)
+def alternate(calls, config=HostTimingConfig(), samples=None, after_turn=None):
+    """Times callables taking turns, so that the machine's drift hits them alike.
+
+    Each callable first runs config.warmup_runs untimed calls. Then, turn after turn, each one
+    still short of config.num_runs timed calls runs one untimed call (if there are others) and a
+    block of up to config.block_runs timed ones. The process is pinned to config.cpus meanwhile.
+
+    Args:
+      calls: name -> callable taking no arguments.
+      config: HostTimingConfig (its warmup_runs, num_runs, block_runs and cpus are used).
+      samples: name -> ms already timed (a resumed run): timing goes on from there.
+      after_turn: optional callable(samples, turn, turns) after each turn, e.g. to save them.
+
+    Returns:
+      name -> list of config.num_runs times in ms.
+    """
+    samples = {name: list((samples or {}).get(name, [])) for name in calls}
+    turns = max((-(-(config.num_runs - len(t)) // config.block_runs) for t in samples.values()), default=0)
+    if turns <= 0:
+        return samples
+    with pinned(config.cpus):
+        for call in calls.values():
+            for _ in range(config.warmup_runs):
+                call()
+        for turn in range(1, turns + 1):
+            for name, call in calls.items():
+                block = min(config.block_runs, config.num_runs - len(samples[name]))
+                if block <= 0:
+                    continue
+                if len(calls) > 1:  # the others may have evicted its weights from the caches
+                    call()
+                for _ in range(block):
+                    start = time.perf_counter()
+                    call()
+                    samples[name].append((time.perf_counter() - start) * 1e3)
+            if after_turn:
+                after_turn(samples, turn, turns)
+    return samples
 
 
 def measure_end_to_end(model, signatures=None, config=HostTimingConfig()):
@@ -151,8 +190,8 @@ def measure_end_to_end(model, signatures=None, config=HostTimingConfig()):
     Returns:
       Timing (ms) of one run of all the signatures.
     """
-    with pinned(config.cpus):
-        return _time_runs(signature_calls(model, signatures, config.num_threads, config.seed), config)
+    samples = alternate({"run": signature_calls(model, signatures, config.num_threads, config.seed)}, config)
+    return Timing.from_samples(samples["run"])
 
 
 def signature_calls(model, signatures=None, num_threads=1, seed=0):
@@ -184,9 +223,12 @@ def measure(model, signature=None, config=HostTimingConfig()):
 
 
 def measure_parts(parts, path, key, positions, config=HostTimingConfig(), notes="", policy_config=PolicyConfig()):
-    """Fills the latency table at `path` by timing each part's model on the host.
+    """Fills the latency table at `path` by timing the parts' models on the host, taking turns
+    (`alternate`).
 
-    Resumable: parts already in the file are skipped, the table is saved after each part.
+    Resumable: parts already in the table are skipped, and the runs timed so far are saved after
+    every turn in `<path>.runs.json`, which a rerun with the same parts and settings goes on from;
+    it is removed once the table is written.
 
     Args:
       parts: part key (table.part_key) -> table.PartModel, or a .tflite path / bytes.
@@ -205,11 +247,47 @@ def measure_parts(parts, path, key, positions, config=HostTimingConfig(), notes=
         raise ValueError(f"table key says {key.threads} threads but timing uses num_threads={config.num_threads}")
     parts = {k: p if isinstance(p, table_lib.PartModel) else table_lib.PartModel(p) for k, p in parts.items()}
     metadata = {"tool": "mess_tf.latency.host", "runtime": runtime_version(), "delegate": "XNNPACK",
-                "warmup_runs": config.warmup_runs, "num_runs": config.num_runs,
+                "warmup_runs": config.warmup_runs, "num_runs": config.num_runs, "block_runs": config.block_runs,
                 "pinned_cpus": None if config.cpus is None else sorted(config.cpus), "notes": notes}
-    empty = table_lib.LatencyTable(key, positions, metadata=metadata, policy=policy_config)
-    return table_lib.fill_table(path, empty, list(parts), lambda k: measure(parts[k].model, parts[k].signature, config),
-                                macs={k: p.macs for k, p in parts.items() if p.macs is not None})
+    table = table_lib.resume(path, table_lib.LatencyTable(key, positions, metadata=metadata, policy=policy_config))
+    table.save(path)  # fails early on an unwritable path; marks the run as started
+    todo = sorted(table.missing(list(parts)), key=table.depth_order)
+    runs_path = f"{path}.runs.json"
+    settings = {"parts": todo, "num_threads": config.num_threads, "warmup_runs": config.warmup_runs,
+                "num_runs": config.num_runs, "block_runs": config.block_runs, "seed": config.seed}
+    samples = _saved_runs(runs_path, settings)
+    logging.info("%s: %d of %d parts already measured, %d to time in turns", path, len(parts) - len(todo),
+                 len(parts), len(todo))
+    calls = {k: signature_calls(parts[k].model, None if parts[k].signature is None else [parts[k].signature],
+                                config.num_threads, config.seed) for k in todo}
+
+    def save_runs(samples, turn, turns):
+        io_utils.write_json(runs_path, dict(settings, samples=samples))
+        logging.info("%s: turn %d/%d of %d parts", key.device, turn, turns, len(todo))
+
+    samples = alternate(calls, config, samples, save_runs)
+    for k in todo:
+        table.set(k, table_lib.PartLatency.from_timing(Timing.from_samples(samples[k]), parts[k].macs))
+    table.save(path)
+    if os.path.exists(runs_path):
+        os.remove(runs_path)
+    return table
+
+
+def _saved_runs(path, settings):
+    """Part key -> ms timed by an interrupted measure_parts with the same `settings`, else {}:
+    runs saved with other parts or settings are not comparable, and cost only time to redo."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        saved = io_utils.read_json(path, "saved timing runs")
+    except ValueError as e:
+        logging.warning("%s; timing from scratch", e)
+        return {}
+    if {k: saved.get(k) for k in settings} != settings or not isinstance(saved.get("samples"), dict):
+        logging.warning("%s holds runs of other parts or settings; timing from scratch", path)
+        return {}
+    return saved["samples"]
 
 
 @dataclasses.dataclass(frozen=True)

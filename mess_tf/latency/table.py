@@ -15,7 +15,8 @@ Parts are named by part keys, the names model files and progress logs use:
   `segment:<position>`, `head:<position>:<head_id>`, `class_map:<position>`, `final_head`.
 
 Measuring is slow (on a phone, minutes per part), so `fill_table` saves the table after every
-measured part and skips the parts an earlier, interrupted run already measured.
+measured part and skips the parts an earlier, interrupted run already measured. (The host times
+all parts taking turns instead and saves its runs after every turn: host.measure_parts.)
 """
 import dataclasses
 import datetime
