@@ -17,7 +17,7 @@ deviation left, as percentages: how far one part's cost moves against the others
 The parts are those of bench/latency_model.py's network (MobileNetV2, 3 exits, int8, random
 weights), timed by host.measure_parts itself.
 
-    python bench/table_repeatability.py [--alpha=0.5 --input_size=160 --tables=4 --num_runs=50 --block_runs=5]
+    python bench/table_repeatability.py [--alpha=0.5 --input_size=160 --tables=6 --num_runs=50 --block_runs=5]
 
 Prints a table, writes bench/results/table_repeatability.json, and prints, last, a JSON line with
 each method's `median_deviation` and `max_deviation` (fractions, medians over the pairs of tables).
@@ -41,6 +41,7 @@ from mess_tf.io_utils import write_json  # noqa: E402
 from mess_tf.latency import host  # noqa: E402
 from mess_tf.latency import table as table_lib  # noqa: E402
 
+
 def deviations(first, second, keys):
     """(median, max) |log ratio - its median| over `keys` between two tables' medians."""
     ratio = np.log([first.get(k).median_ms / second.get(k).median_ms for k in keys])
@@ -52,7 +53,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--alpha", type=float, default=0.5, help="MobileNetV2 width multiplier.")
     parser.add_argument("--input_size", type=int, default=160, help="Square input size (pixels).")
-    parser.add_argument("--tables", type=int, default=4, help="Tables timed per method.")
+    parser.add_argument("--tables", type=int, default=6, help="Tables timed per method.")
     parser.add_argument("--num_runs", type=int, default=50, help="Timed runs per part.")
     parser.add_argument("--block_runs", type=int, default=host.HostTimingConfig.block_runs,
                         help="In turns: timed runs in a row per part and turn.")
