@@ -170,6 +170,7 @@ def test_an_interrupted_measure_parts_goes_on_from_its_saved_runs(tmp_path, floa
         return real_alternate(calls, config, samples, save_then_die)
 
     monkeypatch.setattr(host, "alternate", interrupted_after_turn_1)
+    monkeypatch.setattr(host, "SAVE_RUNS_S", 0.0)  # save after every turn
     with pytest.raises(KeyboardInterrupt):
         host.measure_parts(parts, path, key, ["p1"], config)
     saved = io_utils.read_json(path + ".runs.json")

@@ -1,11 +1,11 @@
-"""tools.profile: flag errors before any conversion, and the part models written for android_bench
-with the exit policy their heads compute."""
+"""tools.profile: flag errors before any conversion, a host table timed in turns, and the part models
+written for android_bench with the exit policy their heads compute."""
 import json
 import os
 import subprocess
 import sys
 
-from mess_tf.latency.table import PartManifest
+from mess_tf.latency.table import LatencyTable, PartManifest
 from mess_tf.policy import PolicyConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,20 @@ def test_bad_flags_are_refused_before_converting(tmp_path):
     stride = _profile("--backbone=mobilenet_v3_small", "--input_size=64", "--confidence_stride=3",
                       f"--output={tmp_path / 't.json'}")
     assert stride.returncode == 2 and "confidence_stride must be a power of two" in stride.stderr
+    turns = _profile("--backbone=mobilenet_v3_small", "--block_runs=0", f"--output={tmp_path / 't.json'}")
+    assert turns.returncode != 0 and "flag --block_runs=0: 0 is not a positive integer" in turns.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_host_table_is_timed_in_turns(tmp_path):
+    path = tmp_path / "t.json"
+    done = _profile("--backbone=mobilenet_v3_small", "--input_size=64", "--heads=fcn_w0_b0", "--precision=float32",
+                    "--device=host", "--num_runs=3", "--block_runs=2", f"--output={path}")
+    assert done.returncode == 0, done.stderr
+    table = LatencyTable.load(path)
+    assert table.metadata["block_runs"] == 2 and {table.get(k).runs for k in table.part_keys()} == {3}
+    assert f"timed 2/2 turns of {len(table.part_keys())} parts" in done.stdout
+    assert not os.path.exists(f"{path}.runs.json")
 
 
 def test_parts_for_android_bench_record_the_policy(tmp_path):

@@ -8,8 +8,9 @@
       (then: python -m android_bench --models=parts_int8 ... to time several phones at once)
 
 Each part is converted to TFLite on its own and timed after warm-up (median and p90 of repeated runs):
-on the host with the LiteRT interpreter (XNNPACK), on a phone with the user's benchmark_model over adb.
-The table is saved after each part, so an interrupted run resumes where it stopped.
+on the host with the LiteRT interpreter (XNNPACK), the parts taking turns (--block_runs runs each per
+turn) and the runs saved after every turn; on a phone with the user's benchmark_model over adb, the
+table saved after each part. Either way an interrupted run resumes where it stopped.
 
 A head's time includes its in-graph image confidence, so profile with the exit policy the
 calibration cache was made with (the same --confidence, --edge_smoothing, --confidence_stride as
@@ -95,6 +96,10 @@ def _check_flags():
         raise ValueError("--device=adb:... needs --benchmark_binary (the TFLite benchmark_model for the phone)")
 
 
+def _print_turns(turn, turns, parts):
+    print(f"  timed {turn}/{turns} turns of {parts} parts", flush=True)
+
+
 def main(argv):
     del argv
     _check_flags()
@@ -120,7 +125,8 @@ def main(argv):
         key = table_lib.TableKey(host.host_device(), FLAGS.precision, FLAGS.threads, net.backbone.input_size)
         timing = host.HostTimingConfig(num_threads=FLAGS.threads, warmup_runs=FLAGS.warmup_runs,
                                        num_runs=FLAGS.num_runs, block_runs=FLAGS.block_runs)
-        table = host.measure_parts(parts, FLAGS.output, key, positions, timing, policy_config=policy_config)
+        table = host.measure_parts(parts, FLAGS.output, key, positions, timing, policy_config=policy_config,
+                                   progress=cli.throttled(_print_turns))
     else:
         table = _profile_phone(FLAGS.device.partition(":")[2], parts, positions, net.backbone.input_size,
                                policy_config)

@@ -10,7 +10,6 @@ Large spaces (3 exits over dozens of positions and heads) can take long: progres
 few seconds, and --time_limit_s=S keeps the best found in S seconds, flagged as not proven best.
 """
 import os
-import time
 
 from absl import flags
 import numpy as np
@@ -79,18 +78,9 @@ def _row(name, r):
             "final_fraction": r.exit_fractions[-1]}
 
 
-PROGRESS_S = 5.0
-
-
 def _progress(name):
-    """A search progress callback printing at most every PROGRESS_S seconds."""
-    last = [time.monotonic()]
-
-    def report_progress(done, total):
-        if time.monotonic() - last[0] >= PROGRESS_S:
-            last[0] = time.monotonic()
-            print(f"  {name}: {done}/{total} first exits expanded", flush=True)
-    return report_progress
+    """A search progress callback printing every cli.PROGRESS_S seconds, and when done."""
+    return cli.throttled(lambda done, total: print(f"  {name}: {done}/{total} first exits expanded", flush=True))
 
 
 def main(argv):

@@ -222,13 +222,17 @@ def measure(model, signature=None, config=HostTimingConfig()):
     return measure_end_to_end(model, None if signature is None else [signature], config)
 
 
-def measure_parts(parts, path, key, positions, config=HostTimingConfig(), notes="", policy_config=PolicyConfig()):
+SAVE_RUNS_S = 2.0  # how often measure_parts saves its runs: rewriting them costs time as they grow
+
+
+def measure_parts(parts, path, key, positions, config=HostTimingConfig(), notes="", policy_config=PolicyConfig(),
+                  progress=None):
     """Fills the latency table at `path` by timing the parts' models on the host, taking turns
     (`alternate`).
 
-    Resumable: parts already in the table are skipped, and the runs timed so far are saved after
-    every turn in `<path>.runs.json`, which a rerun with the same parts and settings goes on from;
-    it is removed once the table is written.
+    Resumable: parts already in the table are skipped, and the runs timed so far are saved in
+    `<path>.runs.json` (after a turn, at most every SAVE_RUNS_S seconds), which a rerun with the
+    same parts and settings goes on from; it is removed once the table is written.
 
     Args:
       parts: part key (table.part_key) -> table.PartModel, or a .tflite path / bytes.
@@ -239,6 +243,8 @@ def measure_parts(parts, path, key, positions, config=HostTimingConfig(), notes=
       notes: free text stored in the table's metadata.
       policy_config: the PolicyConfig the head models compute their confidence with (recorded
         in the table; export.convert_parts's default is PolicyConfig() too).
+      progress: optional callable(turn, turns, parts) whenever the runs are saved (turns counts
+        from the saved runs on when resuming).
 
     Returns:
       The LatencyTable.
@@ -256,14 +262,21 @@ def measure_parts(parts, path, key, positions, config=HostTimingConfig(), notes=
     settings = {"parts": todo, "num_threads": config.num_threads, "warmup_runs": config.warmup_runs,
                 "num_runs": config.num_runs, "block_runs": config.block_runs, "seed": config.seed}
     samples = _saved_runs(runs_path, settings)
-    logging.info("%s: %d of %d parts already measured, %d to time in turns", path, len(parts) - len(todo),
-                 len(parts), len(todo))
+    logging.info("%s: %d of %d parts already measured, %d to time in turns%s", path, len(parts) - len(todo),
+                 len(parts), len(todo), f", going on from the runs saved in {runs_path}" if samples else "")
     calls = {k: signature_calls(parts[k].model, None if parts[k].signature is None else [parts[k].signature],
                                 config.num_threads, config.seed) for k in todo}
 
+    last_save = [time.monotonic()]
+
     def save_runs(samples, turn, turns):
+        if turn < turns and time.monotonic() - last_save[0] < SAVE_RUNS_S:
+            return
         io_utils.write_json(runs_path, dict(settings, samples=samples))
+        last_save[0] = time.monotonic()
         logging.info("%s: turn %d/%d of %d parts", key.device, turn, turns, len(todo))
+        if progress:
+            progress(turn, turns, len(todo))
 
     samples = alternate(calls, config, samples, save_runs)
     for k in todo:
