@@ -9,7 +9,7 @@
 
 Each part is converted to TFLite on its own and timed after warm-up (median and p90 of repeated runs):
 on the host with the LiteRT interpreter (XNNPACK), the parts taking turns (--block_runs runs each per
-turn) and the runs saved after every turn; on a phone with the user's benchmark_model over adb, the
+turn) and the runs saved every few seconds; on a phone with the user's benchmark_model over adb, the
 table saved after each part. Either way an interrupted run resumes where it stopped.
 
 A head's time includes its in-graph image confidence, so profile with the exit policy the

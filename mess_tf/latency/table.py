@@ -16,7 +16,7 @@ Parts are named by part keys, the names model files and progress logs use:
 
 Measuring is slow (on a phone, minutes per part), so `fill_table` saves the table after every
 measured part and skips the parts an earlier, interrupted run already measured. (The host times
-all parts taking turns instead and saves its runs after every turn: host.measure_parts.)
+all parts taking turns instead and saves its runs every few seconds: host.measure_parts.)
 """
 import dataclasses
 import datetime
