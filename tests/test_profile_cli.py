@@ -1,5 +1,5 @@
-"""tools.profile: flag errors before any conversion, a host table timed in turns, and the part models
-written for android_bench with the exit policy their heads compute."""
+"""tools.profile: flag errors before any conversion; one run writing the part models for android_bench
+with the exit policy their heads compute and timing them on the host in turns."""
 import json
 import os
 import subprocess
@@ -30,20 +30,11 @@ def test_bad_flags_are_refused_before_converting(tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def test_host_table_is_timed_in_turns(tmp_path):
-    path = tmp_path / "t.json"
+def test_one_conversion_writes_the_parts_for_android_bench_and_a_host_table_timed_in_turns(tmp_path):
+    table_path = tmp_path / "t.json"
     done = _profile("--backbone=mobilenet_v3_small", "--input_size=64", "--heads=fcn_w0_b0", "--precision=float32",
-                    "--device=host", "--num_runs=3", "--block_runs=2", f"--output={path}")
-    assert done.returncode == 0, done.stderr
-    table = LatencyTable.load(path)
-    assert table.metadata["block_runs"] == 2 and {table.get(k).runs for k in table.part_keys()} == {3}
-    assert f"timed 2/2 turns of {len(table.part_keys())} parts" in done.stdout
-    assert not os.path.exists(f"{path}.runs.json")
-
-
-def test_parts_for_android_bench_record_the_policy(tmp_path):
-    done = _profile("--backbone=mobilenet_v3_small", "--input_size=64", "--heads=fcn_w0_b0", "--precision=float32",
-                    "--confidence_stride=8", "--device=none", f"--parts_dir={tmp_path / 'parts'}")
+                    "--confidence_stride=8", "--device=host", f"--parts_dir={tmp_path / 'parts'}",
+                    "--num_runs=3", "--block_runs=2", f"--output={table_path}")
     assert done.returncode == 0, done.stderr
     manifest = PartManifest.load(tmp_path / "parts")
     assert manifest.policy == PolicyConfig(confidence_stride=8) and manifest.precision == "float32"
@@ -52,3 +43,9 @@ def test_parts_for_android_bench_record_the_policy(tmp_path):
     positions = json.loads((tmp_path / "parts" / "parts.json").read_text())["positions"]
     assert len([k for k in manifest.parts if k.startswith("segment:")]) == len(positions)
     assert all(os.path.dirname(part.model) == str(tmp_path / "parts") for part in manifest.parts.values())
+
+    table = LatencyTable.load(table_path)
+    assert sorted(table.part_keys()) == sorted(manifest.parts) and table.policy == manifest.policy
+    assert table.metadata["block_runs"] == 2 and {table.get(k).runs for k in table.part_keys()} == {3}
+    assert f"timed 2/2 turns of {len(manifest.parts)} parts" in done.stdout
+    assert not os.path.exists(f"{table_path}.runs.json")
