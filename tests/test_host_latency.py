@@ -118,7 +118,7 @@ def test_alternate_times_the_calls_in_turns_and_resumes():
     calls = {name: (lambda name=name: order.append(name)) for name in "ab"}
     config = host.HostTimingConfig(warmup_runs=1, num_runs=5, block_runs=2)
     turns = []
-    samples = host.alternate(calls, config, after_turn=lambda s, turn, total: turns.append((turn, total)))
+    samples = host.alternate(calls, config, after_turn=lambda turn, total, s: turns.append((turn, total)))
     assert {name: len(t) for name, t in samples.items()} == {"a": 5, "b": 5}
     # Warm-up, then per turn one untimed call and a block of up to 2 timed ones, each in turn.
     assert "".join(order) == "ab" + "aaabbb" + "aaabbb" + "aabb"
@@ -164,8 +164,8 @@ def test_an_interrupted_measure_parts_goes_on_from_its_saved_runs(tmp_path, floa
     real_alternate = host.alternate
 
     def interrupted_after_turn_1(calls, config, samples, after_turn):
-        def save_then_die(s, turn, turns):
-            after_turn(s, turn, turns)
+        def save_then_die(turn, turns, s):
+            after_turn(turn, turns, s)
             raise KeyboardInterrupt
         return real_alternate(calls, config, samples, save_then_die)
 

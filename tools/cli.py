@@ -6,11 +6,8 @@ message alone, without a traceback, and exits with status 2.
 TensorFlow's own INFO chatter (one line per checkpoint save) is hidden unless --verbosity is given.
 """
 import sys
-import time
 
 from absl import app, flags, logging
-
-PROGRESS_S = 5.0  # seconds between progress lines of long library calls
 
 
 def run(main):
@@ -25,15 +22,3 @@ def run(main):
             sys.exit(2)
 
     app.run(guarded)
-
-
-def throttled(report, seconds=PROGRESS_S):
-    """A progress callback(done, total, *more) for a long library call that calls report(done,
-    total, *more) at most every `seconds`, and when done reaches total."""
-    last = [time.monotonic()]
-
-    def callback(done, total, *more):
-        if done == total or time.monotonic() - last[0] >= seconds:
-            last[0] = time.monotonic()
-            report(done, total, *more)
-    return callback

@@ -21,7 +21,7 @@ import os
 import numpy as np
 from absl import flags
 
-from mess_tf import backbones, checkpoints, cost_model, export, heads, network, runtime
+from mess_tf import backbones, checkpoints, cost_model, export, heads, network, progress, runtime
 from mess_tf.latency import host
 from mess_tf.latency import table as table_lib
 from tools import cli, policy_flags
@@ -126,7 +126,7 @@ def main(argv):
         timing = host.HostTimingConfig(num_threads=FLAGS.threads, warmup_runs=FLAGS.warmup_runs,
                                        num_runs=FLAGS.num_runs, block_runs=FLAGS.block_runs)
         table = host.measure_parts(parts, FLAGS.output, key, positions, timing, policy_config=policy_config,
-                                   progress=cli.throttled(_print_turns))
+                                   progress=progress.throttled(_print_turns))
     else:
         table = _profile_phone(FLAGS.device.partition(":")[2], parts, positions, net.backbone.input_size,
                                policy_config)

@@ -14,7 +14,7 @@ import os
 from absl import flags
 import numpy as np
 
-from mess_tf import calibration, io_utils, report, search
+from mess_tf import calibration, io_utils, progress, report, search
 from mess_tf.latency.costs import CostTable
 
 FLAGS = flags.FLAGS
@@ -79,8 +79,8 @@ def _row(name, r):
 
 
 def _progress(name):
-    """A search progress callback printing every cli.PROGRESS_S seconds, and when done."""
-    return cli.throttled(lambda done, total: print(f"  {name}: {done}/{total} first exits expanded", flush=True))
+    """A search progress callback printing every few seconds, and when done."""
+    return progress.throttled(lambda done, total: print(f"  {name}: {done}/{total} first exits expanded", flush=True))
 
 
 def main(argv):

@@ -24,6 +24,7 @@ import numpy as np
 from ai_edge_litert import interpreter as litert
 
 from mess_tf import io_utils
+from mess_tf.progress import throttled
 from mess_tf.latency import table as table_lib
 from mess_tf.latency.table import Timing
 from mess_tf.policy import PolicyConfig
@@ -147,7 +148,7 @@ def alternate(calls, config=HostTimingConfig(), samples=None, after_turn=None):
       calls: name -> callable taking no arguments.
       config: HostTimingConfig (its warmup_runs, num_runs, block_runs and cpus are used).
       samples: name -> ms already timed (a resumed run): timing goes on from there.
-      after_turn: optional callable(samples, turn, turns) after each turn, e.g. to save them.
+      after_turn: optional callable(turn, turns, samples) after each turn, e.g. to save them.
 
     Returns:
       name -> list of config.num_runs times in ms.
@@ -172,7 +173,7 @@ def alternate(calls, config=HostTimingConfig(), samples=None, after_turn=None):
                     call()
                     samples[name].append((time.perf_counter() - start) * 1e3)
             if after_turn:
-                after_turn(samples, turn, turns)
+                after_turn(turn, turns, samples)
     return samples
 
 
@@ -267,18 +268,13 @@ def measure_parts(parts, path, key, positions, config=HostTimingConfig(), notes=
     calls = {k: signature_calls(parts[k].model, None if parts[k].signature is None else [parts[k].signature],
                                 config.num_threads, config.seed) for k in todo}
 
-    last_save = [time.monotonic()]
-
-    def save_runs(samples, turn, turns):
-        if turn < turns and time.monotonic() - last_save[0] < SAVE_RUNS_S:
-            return
+    def save_runs(turn, turns, samples):
         io_utils.write_json(runs_path, dict(settings, samples=samples))
-        last_save[0] = time.monotonic()
         logging.info("%s: turn %d/%d of %d parts", key.device, turn, turns, len(todo))
         if progress:
             progress(turn, turns, len(todo))
 
-    samples = alternate(calls, config, samples, save_runs)
+    samples = alternate(calls, config, samples, throttled(save_runs, SAVE_RUNS_S))
     for k in todo:
         table.set(k, table_lib.PartLatency.from_timing(Timing.from_samples(samples[k]), parts[k].macs))
     table.save(path)
