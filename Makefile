@@ -1,5 +1,6 @@
 # The two commands a newcomer runs: `make demo` and `make test`. Both set up .venv first and
 # are quick when everything is already installed (the stamp file tracks setup.cfg).
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,21 +8,27 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
+# Lines that say nothing about this project's run (tools/quiet_patterns.txt): pip's notes on this
+# machine's package-index configuration, TensorFlow's and the TFLite converter's start-up and
+# conversion notices. They are dropped; every other line (real errors and warnings included)
+# passes, and the exit status stays the command's own.
+QUIET = 2>&1 | { grep -v -E --line-buffered -f tools/quiet_patterns.txt || true; }
+
 .PHONY: demo test setup clean
 
 setup: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	set -o pipefail; test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	set -o pipefail; $(PY) -m pip install -q --upgrade pip $(QUIET)
+	set -o pipefail; $(PY) -m pip install -q -e '.[test,pretrained]' $(QUIET)
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile tests
+	set -o pipefail; $(PY) -m pytest -n 2 --dist loadfile tests $(QUIET)
 
 demo: $(STAMP)
-	$(PY) -m tools.demo $(ARGS)
+	set -o pipefail; PYTHONUNBUFFERED=1 $(PY) -m tools.demo $(ARGS) $(QUIET)
 
 clean:
 	rm -rf $(VENV) runs

@@ -230,7 +230,7 @@ def static_call(model_bytes, image, threads):
     as the runtime quantises it, so that both sides of a comparison pay the same for it."""
     runner = interpreter(model_bytes, threads).get_signature_runner()
     (input_name, detail), = runner.get_input_details().items()
-    return lambda: runner(**{input_name: runtime._quantise(image[None], detail)})
+    return lambda: runner(**{input_name: runtime.quantise(image[None], detail)})
 
 
 def control(dynamic_paths, statics, exit_ids, input_size, threads, rounds):

@@ -21,7 +21,9 @@ import os
 
 import numpy as np
 
-from mess_tf import io_utils, policy
+import tensorflow as tf
+
+from mess_tf import export, io_utils, policy
 from mess_tf.keras_lib import keras
 from mess_tf.deployment import FINAL_EXIT
 
@@ -196,14 +198,32 @@ def confusion_counts(pred, labels, num_classes):
     return np.stack([tp, predicted - tp, actual - tp]).astype(np.int64)
 
 
-def _image_stats(logits_by_exit, coarse_by_exit, label, exit_ids, exit_strides, th_pix_grid, cfg, num_classes):
-    """conf_frac [E, P] (from the coarse logits) and counts [3, E + 1, C] (from the full-resolution
-    logits) of one image."""
-    conf = np.stack([policy.confidence_fractions(coarse_by_exit[e], s, th_pix_grid, cfg)
-                     for e, s in zip(exit_ids, exit_strides)]) if exit_ids else np.zeros((0, len(th_pix_grid)))
-    counts = np.stack([confusion_counts(np.argmax(logits_by_exit[e], -1), label, num_classes)
-                       for e in (*exit_ids, FINAL_EXIT)], axis=1)
-    return conf, counts
+def from_logits(outputs, exit_ids, exit_strides, th_pix_grid, cfg):
+    """Turns a network's logits into what the cache reads: (class maps, confidence fractions).
+
+    Args:
+      outputs: (logits, coarse_logits): logits {exit id | "final": [B, H', W', C]} at the class
+        map's resolution (the input's / cfg.class_map_stride; their argmax, upsampled to the input
+        size as an app does, is scored) and coarse_logits {exit id: [B, h, w, C]} at each
+        exit's own resolution (the policy's input, see MultiExitNetwork.coarse_logits). A plain
+        logits dict means the exits have no coarser resolution: the policy reads the logits.
+      exit_ids, exit_strides: the early exits and their output strides.
+      th_pix_grid: [P] pixel thresholds.
+      cfg: policy.PolicyConfig.
+
+    Returns:
+      ({exit id | "final": int [B, H, W] class map}, {exit id: float [B, P] confidence fractions}).
+    """
+    logits, coarse = outputs if isinstance(outputs, tuple) else (outputs, outputs)
+    missing = [k for k in (*exit_ids, FINAL_EXIT) if k not in logits] + [
+        f"{k} (coarse)" for k in exit_ids if k not in coarse]
+    if missing:
+        raise ValueError(f"predict_fn returned no logits for exits {missing}")
+    class_maps = {k: export.upsample_class_map(np.argmax(np.asarray(logits[k]), -1), cfg.class_map_stride)
+                  for k in (*exit_ids, FINAL_EXIT)}
+    fractions = {e: np.stack([policy.confidence_fractions(one, s, th_pix_grid, cfg) for one in np.asarray(coarse[e])])
+                 for e, s in zip(exit_ids, exit_strides)}
+    return class_maps, fractions
 
 
 def build_cache(predict_fn, batches, exit_ids, exit_strides, num_classes, th_pix_grid, policy_config,
@@ -244,20 +264,20 @@ def build_cache(predict_fn, batches, exit_ids, exit_strides, num_classes, th_pix
         count = len(images)
         skip = min(max(done - seen, 0), count)
         if skip < count:
-            outputs = predict_fn(images[skip:])
-            outputs, coarse = outputs if isinstance(outputs, tuple) else (outputs, outputs)
-            missing = [k for k in (*exit_ids, FINAL_EXIT) if k not in outputs] + [
-                f"{k} (coarse)" for k in exit_ids if k not in coarse]
+            class_maps, fractions = predict_fn(images[skip:])
+            missing = [k for k in (*exit_ids, FINAL_EXIT) if k not in class_maps] + [
+                f"{k} (confidence)" for k in exit_ids if k not in fractions]
             if missing:
-                raise ValueError(f"predict_fn returned no logits for exits {missing}")
+                raise ValueError(f"predict_fn returned nothing for exits {missing}")
             for i in range(skip, count):
                 index = seen + i
                 if index >= n:
                     raise ValueError(f"the batches hold more images than the {n} image names")
-                logits = {k: np.asarray(outputs[k][i - skip]) for k in (*exit_ids, FINAL_EXIT)}
-                coarse_logits = {k: np.asarray(coarse[k][i - skip]) for k in exit_ids}
-                cache.conf_frac[index], counts = _image_stats(
-                    logits, coarse_logits, np.asarray(labels[i]), exit_ids, cache.exit_strides, th_pix_grid, policy_config, c)
+                if e:
+                    cache.conf_frac[index] = np.stack([fractions[k][i - skip] for k in exit_ids])
+                label = np.asarray(labels[i])
+                counts = np.stack([confusion_counts(np.asarray(class_maps[k][i - skip]), label, c)
+                                   for k in (*exit_ids, FINAL_EXIT)], axis=1)
                 cache.tp[index], cache.fp[index], cache.fn[index] = counts
             done, since_checkpoint = seen + count, since_checkpoint + count - skip
             if partial_path and since_checkpoint >= checkpoint_every:
@@ -293,6 +313,11 @@ def _resume(cache, path):
     return done
 
 
+def _num_classes(net):
+    """Classes a network predicts (a wrapped user network has no config)."""
+    return net.coarse_logits(FINAL_EXIT).shape[-1]
+
+
 def calibrate_network(net, checkpoint, batches, image_names, th_pix_grid, policy_config, dataset="", split="",
                       partial_path=None, checkpoint_every=64):
     """The calibration pass of a trained MultiExitNetwork over every one of its exits.
@@ -307,15 +332,92 @@ def calibrate_network(net, checkpoint, batches, image_names, th_pix_grid, policy
     Returns:
       CalibrationCache.
     """
-    model = keras.Model(net.image, {"logits": net.model.output,
-                                    "coarse": {e: net.coarse_logits(e) for e in net.exit_ids}})
+    ids = (*net.exit_ids, FINAL_EXIT)
+    model = keras.Model(net.image, {e: net.coarse_logits(e) for e in ids})
+    strides = [net.position_of(e).stride for e in net.exit_ids]
+    size = export.class_map_size(net.backbone.input_size, policy_config)
 
     def predict(images):
-        outputs = model(images, training=False)
-        return ({k: v.numpy() for k, v in outputs["logits"].items()},
-                {k: v.numpy() for k, v in outputs["coarse"].items()})
+        coarse = model(images, training=False)
+        # The class maps as the exported model computes them (export._class_map): bilinear to size.
+        logits = {k: tf.image.resize(coarse[k], size, method="bilinear").numpy() for k in ids}
+        return from_logits((logits, {k: v.numpy() for k, v in coarse.items()}), net.exit_ids, strides, th_pix_grid,
+                           policy_config)
 
-    strides = [net.position_of(e).stride for e in net.exit_ids]
-    return build_cache(predict, batches, net.exit_ids, strides, net.model.output["final"].shape[-1], th_pix_grid,
+    return build_cache(predict, batches, net.exit_ids, strides, _num_classes(net), th_pix_grid,
                        policy_config, net.config.to_dict(), checkpoint_fingerprint(checkpoint), image_names,
                        dataset, split, checkpoint_every, partial_path)
+
+
+def calibrate_parts(net, parts, checkpoint, batches, image_names, th_pix_grid, policy_config, positions=None,
+                    dataset="", split="", partial_path=None, checkpoint_every=64, num_threads=None):
+    """The calibration pass run by converted TFLite parts: the cache of the precision that ships.
+
+    The parts (export.convert_parts with th_pix_grid, e.g. int8) are chained as a staged model runs
+    them: each segment is fed the previous one's output tensor as it is (requantised only if a
+    scale differs), each head the features at its position, each class map the head's coarse
+    logits, and the final head the backbone output (and the decoder's features). Heads give their
+    in-graph image confidence at every pixel threshold, class maps and the final head their
+    argmax, so the cache holds the decisions and class maps of the deployed precision.
+
+    Args:
+      net: the network the parts were converted from (its structure; its weights are not used).
+      parts: {part key: .tflite bytes} from export.convert_parts(net, ..., positions=positions,
+        th_pix_grid=th_pix_grid).
+      positions: the Positions the parts' segments end at (as given to convert_parts).
+      num_threads: interpreter threads.
+      Others: as calibrate_network.
+
+    Returns:
+      CalibrationCache.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mess_tf import runtime
+    from mess_tf.latency import table
+
+    runners = {key: Interpreter(model_content=model_bytes, num_threads=num_threads)
+               .get_signature_runner(export.DEFAULT_SIGNATURE) for key, model_bytes in parts.items()}
+    sources = export.part_sources(net, net.exit_ids, positions)
+    strides = [net.position_of(e).stride for e in net.exit_ids]
+    float_input = {"dtype": np.float32, "quantization": (0.0, 0)}
+
+    def call(key, feeds):
+        """Part `key` on {input name: (array, its tensor detail)}; lone inputs are named "input"
+        (export.convert_model). Returns {output name: (array, its tensor detail)}."""
+        runner = runners[key]
+        details = runner.get_input_details()
+        inputs = {}
+        for name, detail in details.items():
+            value, source = feeds[name]
+            same = source["dtype"] == detail["dtype"] and source["quantization"] == detail["quantization"]
+            inputs[name] = value if same else runtime.quantise(runtime.dequantise(value, source), detail)
+        outputs, out_details = runner(**inputs), runner.get_output_details()
+        return {name: (value, out_details[name]) for name, value in outputs.items()}
+
+    def predict_one(image):
+        produced = {"image": (image[None].astype(np.float32), float_input)}
+        for key, feeds in sources.items():
+            if table.parse_part_key(key)[0] == table.SEGMENT:
+                (source,) = feeds.values()
+                produced[key] = call(key, {"input": produced[source]})["output"]
+        class_maps, fractions = {}, {}
+        for eid in net.exit_ids:
+            (source,) = sources[table.part_key(table.HEAD, eid)].values()
+            head = call(table.part_key(table.HEAD, eid), {"input": produced[source]})
+            fractions[eid] = runtime.dequantise(*head[export.CONFIDENCE]).reshape(-1)
+            class_map = call(table.part_key(table.CLASS_MAP, net.position_of(eid).name),
+                             {export.COARSE_LOGITS: head[export.COARSE_LOGITS]})
+            class_maps[eid] = class_map[export.CLASS_MAP][0][0]
+        final = call(table.FINAL_HEAD, {name: produced[source] for name, source in sources[table.FINAL_HEAD].items()})
+        class_maps[FINAL_EXIT] = final[export.CLASS_MAP][0][0]
+        return {k: export.upsample_class_map(v, policy_config.class_map_stride) for k, v in class_maps.items()}, fractions
+
+    def predict(images):
+        results = [predict_one(image) for image in images]
+        return ({k: np.stack([r[0][k] for r in results]) for k in results[0][0]},
+                {k: np.stack([r[1][k] for r in results]) for k in results[0][1]})
+
+    return build_cache(predict, batches, net.exit_ids, strides, _num_classes(net), th_pix_grid, policy_config,
+                       net.config.to_dict(), checkpoint_fingerprint(checkpoint), image_names, dataset, split,
+                       checkpoint_every, partial_path)

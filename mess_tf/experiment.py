@@ -2,16 +2,17 @@
 
 Steps, each leaving an artifact under the run folder so a rerun skips what is done:
 
-  data        the built-in demo dataset                      data/
-  baseline    the original single-exit network               baseline/ (checkpoints)
-  stage1      exit-aware backbone training                   stage1/
-  stage2      frozen backbone, every candidate exit          stage2/
-  calibrate   per-image, per-exit cache for the search       calibration.npz
-  profile     host LiteRT latency of every part (int8, fp32) latency_int8.json, latency_float32.json
-  search      one configuration per requirement              configs/<name>.json
-  export      staged .tflite per configuration + baseline    models/<name>_<precision>.tflite
-  evaluate    every model run on the test split              evaluation.json
-  report      summary.md, headline.json, plots               report/
+  data                  the built-in demo dataset                          data/
+  baseline              the user's trained DeepLab (shipped, or trained)   baseline/ (checkpoints)
+  baseline_same_budget  the baseline trained on for MESS's extra steps     baseline_same_budget/
+  stage1                exit-aware backbone training                       stage1/
+  stage2                frozen backbone, every candidate exit              stage2/
+  calibrate             per-image, per-exit caches (int8 as shipped, float) calibration/*.npz
+  profile               host LiteRT latency of every part (int8)           latency_int8.json
+  search                one configuration per requirement (int8 cache)     configs/<name>.json
+  export                staged int8 .tflite per configuration + baselines  models/<name>_int8.tflite
+  evaluate              every model run on the test split, side by side    evaluation.json
+  report                summary.md, headline.json, plots                   report/
 
 `progress` receives one line per event so a CLI can print it; the library itself prints nothing.
 """
@@ -21,8 +22,9 @@ import time
 
 import numpy as np
 
-from mess_tf import (backbones, calibration, checkpoints, cost_model, export, heads, io_utils, metrics, network,
-                     policy, report, runtime, search, training)
+from mess_tf import (backbones, calibration, checkpoints, export, headline, heads, io_utils, metrics, network, policy,
+                     report, runtime, search, shipped, training)
+from mess_tf.deployment import FINAL_EXIT
 from mess_tf.data import demo, pipeline, registry
 from mess_tf.deployment import DeploymentConfig, ExitChoice
 from mess_tf.latency import host
@@ -35,13 +37,26 @@ class Preset:
 
     Stage 1 starts from the trained baseline (as MESS starts from a trained segmentation network), so
     the MESS network has seen baseline_steps + stage1_steps + stage2_steps updates and the baseline
-    baseline_steps; the report says so. From-scratch MobileNets learn slowly: AdamW at a high rate and
-    a short batch-norm horizon are what made the demo learn within minutes on a CPU.
+    baseline_steps; the report says so.
+
+    Attributes:
+      data: demo data preset (mess_tf.data.demo.PRESETS); its image size is the network's input.
+      backbone: BackboneConfig (weights="imagenet" for a pretrained one).
+      final_head: FinalHeadConfig.
+      crop_size: square training crops (pixels); None = the whole image.
+      scale_range: random rescaling of training images before cropping.
+      learning_rate: AdamW peak rate; bn_momentum: batch-norm moving-average momentum.
+      precise_bn_batches: batch-norm statistics averaged over this many batches after each stage.
+      eval_every: baseline steps between validation evaluations (the learning curve); 0 = none.
+      shipped_baseline: folder under the repository's `trained/` holding this preset's trained
+        baseline (see mess_tf/shipped.py); None = `make demo` trains the baseline itself.
+      class_map_stride: policy.PolicyConfig.class_map_stride of every model (1: full resolution).
+      max_exits: most early exits the search puts in a configuration.
     """
 
     data: str
-    alpha: float
-    filters: int
+    backbone: backbones.BackboneConfig
+    final_head: heads.FinalHeadConfig
     baseline_steps: int
     stage1_steps: int
     stage2_steps: int
@@ -50,23 +65,48 @@ class Preset:
     exit_heads: tuple
     timing_runs: int
     quantization_images: int  # representative images for int8 conversion (calibration split)
-    learning_rate: float = 5e-3  # AdamW peak rate
+    learning_rate: float = 5e-3
     bn_momentum: float = 0.99
-    precise_bn_batches: int = 16  # batch-norm statistics averaged over this many batches after each stage
+    precise_bn_batches: int = 16
+    crop_size: int = None
+    scale_range: tuple = (0.75, 1.25)
+    eval_every: int = 0
+    shipped_baseline: str = None
+    class_map_stride: int = 1
+    max_exits: int = 2
 
 
+# From-scratch MobileNets learn slowly: AdamW at a high rate and a short batch-norm horizon are what
+# made them learn within minutes on a CPU. The pretrained EfficientNet-Lite0 is fine-tuned gently.
 PRESETS = {
-    "quick": Preset("quick", 0.35, 32, 60, 30, 30, 8, (0.3, 0.6), ("fcn_w0_b0", "fcn_w32_b1"), 5, 4,
-                    precise_bn_batches=4),
-    "default": Preset("default", 0.5, 64, 900, 400, 250, 16, (0.15, 0.3, 0.5, 0.75),
-                      ("fcn_w0_b0", "fcn_w32_b1", "fcn_w64_b2_rd"), 30, 16),
+    "quick": Preset("quick", backbones.BackboneConfig("mobilenet_v2", 16, 0.35),
+                    heads.FinalHeadConfig("deeplabv3plus", 32, separable=True), 60, 30, 30, 8, (0.3, 0.6),
+                    ("fcn_w0_b0", "fcn_w32_b1"), 5, 4, precise_bn_batches=4),
+    "scratch": Preset("scratch", backbones.BackboneConfig("mobilenet_v2", 16, 0.5),
+                      heads.FinalHeadConfig("deeplabv3plus", 64, separable=True), 900, 400, 250, 16,
+                      (0.15, 0.3, 0.5, 0.75), ("fcn_w0_b0", "fcn_w32_b1", "fcn_w64_b2_rd"), 30, 16),
+    "default": Preset("default", backbones.BackboneConfig("efficientnet_lite0", 16, weights=backbones.IMAGENET),
+                      heads.FinalHeadConfig("deeplabv3plus", 128, separable=True), 4000, 60, 120, 16,
+                      (0.14, 0.17, 0.26, 0.36), ("fcn_w32_b1", "fcn_w64_b2_rd", "aspp_w64_rd"), 30, 16,
+                      learning_rate=1e-3, crop_size=192, scale_range=(0.5, 1.5), eval_every=250,
+                      shipped_baseline="demo_efficientnet_lite0"),
 }
-# Requirements the search serves: (name, objective, kwargs). The baseline's cost is filled in at run time.
-REQUIREMENTS = (("no_loss", "min_cost", {"max_drop_pp": 0.0}),
-                ("drop_1pp", "min_cost", {"max_drop_pp": 1.0}),
-                ("baseline_cost", "max_miou", {}))
-PRECISIONS = ("int8", "float32")
-STEPS = ("data", "baseline", "stage1", "stage2", "calibrate", "profile", "search", "export", "evaluate", "report")
+# Requirements the search serves: (name, objective, mIoU drop allowed below the bar, in pp). The bar
+# is the same-budget baseline's mIoU; "baseline_cost" maximises mIoU at its latency instead.
+NO_LOSS_PP = 0.1
+REQUIREMENTS = (("no_loss", "min_cost", NO_LOSS_PP),
+                ("drop_1pp", "min_cost", 1.0),
+                ("baseline_cost", "max_miou", None))
+DEPLOYED = "int8"  # the precision that ships: the search reads its cache and its latency table
+BASELINES = ("baseline", "baseline_same_budget")
+# (training stage, precision, split) of each calibration cache: the MESS network as it ships and in
+# float (to show what calibrating the float network would predict), on the test split too (the
+# oracle and per-image predictions), and the same-budget baseline (the bar).
+CACHES = (("stage2", DEPLOYED, "calibration"), ("stage2", "float32", "calibration"), ("stage2", DEPLOYED, "test"),
+          ("baseline_same_budget", DEPLOYED, "calibration"), ("baseline", DEPLOYED, "calibration"))
+SAME_BUDGET_SUFFIX = "_same_budget"
+SHIPPED_CHECK_IMAGES = 32  # validation images tests score a shipped network on
+STEPS = ("data", "baseline", "baseline_same_budget", "stage1", "stage2", "calibrate", "profile", "search", "export", "evaluate", "report")
 TH_PIX_GRID = np.linspace(0.5, 0.95, 10)
 TH_IMG_GRID = np.linspace(0.5, 0.95, 10)
 
@@ -80,7 +120,7 @@ class Experiment:
         self.out, self.preset, self.seed = out_dir, PRESETS[preset], seed
         self.progress = progress or (lambda line: None)
         self.data_dir = os.path.join(out_dir, "data")
-        self._networks = {}
+        self._networks, self._parts = {}, {}
 
     def load(self, stage):
         """The trained MultiExitNetwork of <run>/<stage>, loaded once per Experiment."""
@@ -116,16 +156,13 @@ class Experiment:
         return registry.get_dataset("demo", self.data_dir)
 
     def network_config(self):
-        info = self.dataset().info
         size = demo.PRESETS[self.preset.data].image_size
-        return network.NetworkConfig(backbones.BackboneConfig("mobilenet_v2", 16, self.preset.alpha),
-                                     info.num_classes, (size, size),
-                                     heads.FinalHeadConfig("deeplabv3plus", self.preset.filters, separable=True))
+        return network.NetworkConfig(self.preset.backbone, demo.INFO.num_classes, (size, size), self.preset.final_head)
 
     def step_data(self):
         demo.generate(self.data_dir, preset=self.preset.data, seed=self.seed)
 
-    def train(self, name, stage, steps, init_from=None, **options):
+    def train(self, name, stage, steps, init_from=None, eval_every=0, **options):
         """Trains one stage with the demo's recipe into <run>/<name>, reporting progress; resumes
         an interrupted run.
 
@@ -133,27 +170,36 @@ class Experiment:
           name: run folder under the experiment folder (e.g. "stage1", "ablation/joint").
           stage: training.STAGES member. steps: optimiser steps of batch preset.batch_size.
           init_from: optional run folder to start from.
+          eval_every: steps between validation evaluations (metrics.json's miou_curve); 0 = none.
           **options: further TrainConfig fields (exits, positions, heads, distillation).
 
         Returns:
           training.TrainResult.
         """
-        dataset, config = self.dataset(), self.network_config()
-        # No flips: a mirrored digit is a different shape. Mild scaling: digits are already of many sizes.
-        data = pipeline.train_dataset(dataset.samples("train"), dataset.info, config.input_size,
-                                      self.preset.batch_size, seed=self.seed, scale_range=(0.75, 1.25), flip=False)
-        train_config = training.TrainConfig(stage=stage, steps=steps, batch_size=self.preset.batch_size,
-                                            optimizer="adamw", learning_rate=self.preset.learning_rate,
-                                            bn_momentum=self.preset.bn_momentum, warmup_steps=steps // 20, seed=self.seed,
-                                            checkpoint_every=max(steps // 4, 1), log_every=max(steps // 10, 1),
-                                            eval_batches=0, precise_bn_batches=self.preset.precise_bn_batches,
-                                            **options)
+        dataset, config, p = self.dataset(), self.network_config(), self.preset
+        crop = (p.crop_size,) * 2 if p.crop_size else config.input_size
+        # No flips: a mirrored digit is a different shape.
+        data = pipeline.train_dataset(dataset.samples("train"), dataset.info, crop, p.batch_size, seed=self.seed,
+                                      scale_range=p.scale_range, flip=False)
+        val, eval_batches = None, 0
+        if eval_every:
+            samples = dataset.samples("val")
+            val = pipeline.eval_dataset(samples, dataset.info, config.input_size, p.batch_size)
+            eval_batches = -(-len(samples) // p.batch_size)
+        train_config = training.TrainConfig(stage=stage, steps=steps, batch_size=p.batch_size, optimizer="adamw",
+                                            learning_rate=p.learning_rate, bn_momentum=p.bn_momentum,
+                                            warmup_steps=steps // 20, seed=self.seed,
+                                            checkpoint_every=max(min(steps // 4, 250), 1),
+                                            log_every=max(min(steps // 10, 50), 1), eval_every=eval_every,
+                                            eval_batches=eval_batches, precise_bn_batches=p.precise_bn_batches,
+                                            crop_size=None if crop == config.input_size else crop, **options)
 
-        def report_progress(p):
-            self.progress(f"  {name} step {p.step}/{p.steps} loss {p.losses['total']:.3f} "
-                          f"{p.images_per_s:.0f} img/s ETA {p.eta_s:.0f} s")
+        def report_progress(record):
+            miou = f" val mIoU {100 * record.miou['final']:.2f}" if record.miou else ""
+            self.progress(f"  {name} step {record.step}/{record.steps} loss {record.losses['total']:.3f}{miou} "
+                          f"{record.images_per_s:.0f} img/s ETA {record.eta_s:.0f} s")
 
-        return training.train(config, train_config, data, self.path(name), init_from=init_from,
+        return training.train(config, train_config, data, self.path(name), val_data=val, init_from=init_from,
                               progress=report_progress)
 
     def exit_positions(self):
@@ -161,8 +207,78 @@ class Experiment:
         return training.positions_at_fractions(backbones.Backbone(config.backbone, config.input_size),
                                                self.preset.exit_fractions)
 
+    def same_budget_steps(self):
+        """The steps the same-budget baseline trains on from the baseline: as many as the MESS
+        network's stage 1 and stage 2 add, so both have seen the same number of optimiser steps."""
+        return self.preset.stage1_steps + self.preset.stage2_steps
+
     def step_baseline(self):
-        self.train("baseline", "baseline", self.preset.baseline_steps)
+        if self.preset.shipped_baseline:
+            self._import_shipped(self.preset.shipped_baseline, "baseline", self.preset.baseline_steps)
+        else:
+            self.train("baseline", "baseline", self.preset.baseline_steps, eval_every=self.preset.eval_every)
+
+    def step_baseline_same_budget(self):
+        if self.preset.shipped_baseline:
+            self._import_shipped(self.preset.shipped_baseline + SAME_BUDGET_SUFFIX, "baseline_same_budget",
+                                 self.same_budget_steps())
+        else:
+            self.train("baseline_same_budget", "baseline", self.same_budget_steps(), init_from=self.path("baseline"))
+
+    def _import_shipped(self, name, run, steps):
+        """trained/<name> as the run folder <run>, after checking it is this preset's network."""
+        path = shipped.folder(name)
+        record = shipped.read_record(path)
+        expected = checkpoints.network_config({"network": self.network_config().to_dict()}).to_dict()
+        diffs = checkpoints.config_differences(record["network"], expected)
+        if diffs or record["train"]["steps"] != steps or record.get("data") != self.data_stamp():
+            raise ValueError(f"{path} is not this preset's trained network ({'; '.join(diffs) or 'steps or data differ'}); "
+                             f"retrain it with: python -m tools.train_demo_baseline --preset={self.preset.data}")
+        shipped.import_run(path, self.path(run))
+        self.progress(f"  {run}: the shipped network {path} (val mIoU {100 * record['val_miou']:.2f}, "
+                      f"test mIoU {100 * record['test_miou']:.2f}, {record['train']['steps']} steps)")
+
+    def data_stamp(self):
+        """What identifies the demo data a network was trained on."""
+        return {"preset": self.preset.data, "seed": self.seed, "version": demo.VERSION}
+
+    def train_shipped(self):
+        """Trains this preset's baseline and same-budget baseline (what tools.train_demo_baseline
+        runs, hours on a CPU) and writes them to trained/, scored as stored. Resumable.
+
+        Returns:
+          {name: record} of the two networks written.
+        """
+        if not self.preset.shipped_baseline:
+            raise ValueError(f"preset {self.preset.data!r} trains its baseline in `make demo`; nothing to ship")
+        self.run(until="data")
+        runs = {self.preset.shipped_baseline: self.train("baseline", "baseline", self.preset.baseline_steps,
+                                                         eval_every=self.preset.eval_every)}
+        runs[self.preset.shipped_baseline + SAME_BUDGET_SUFFIX] = self.train(
+            "baseline_same_budget", "baseline", self.same_budget_steps(), init_from=self.path("baseline"))
+        records = {}
+        for name, result in runs.items():
+            net, run_config = checkpoints.load_network(result.checkpoint)
+            shipped.round_weights(net.model)
+            record = {"command": f"python -m tools.train_demo_baseline --preset={self.preset.data}",
+                      "network": run_config["network"], "train": run_config["train"], "exits": [],
+                      "init_from": None if name == self.preset.shipped_baseline else self.preset.shipped_baseline,
+                      "data": self.data_stamp(), "metrics": result.metrics,
+                      "val_miou": self.split_miou(net, "val"), "test_miou": self.split_miou(net, "test"),
+                      "val_subset": {"images": SHIPPED_CHECK_IMAGES,
+                                     "miou": self.split_miou(net, "val", SHIPPED_CHECK_IMAGES)}}
+            shipped.save(shipped.folder(name), net.model, record)
+            self.progress(f"  wrote {shipped.folder(name)}: val mIoU {100 * record['val_miou']:.2f}, "
+                          f"test mIoU {100 * record['test_miou']:.2f}")
+            records[name] = record
+        return records
+
+    def split_miou(self, net, split, count=None):
+        """Final-exit mIoU (fraction) of `net` on the first `count` images (default all) of a split."""
+        dataset = self.dataset()
+        samples = dataset.samples(split)[:count]
+        data = pipeline.eval_dataset(samples, dataset.info, net.config.input_size, self.preset.batch_size)
+        return training.evaluate(net.single_exit_model(), data, dataset.info.num_classes)["final"]
 
     def step_stage1(self):
         self.train("stage1", "stage1", self.preset.stage1_steps, init_from=self.path("baseline"),
@@ -174,104 +290,156 @@ class Experiment:
 
     # -- calibration, latency, search ------------------------------------------------------------
 
-    def _split_arrays(self, split):
+    def split_arrays(self, split):
+        """(names, images float32 [N, H, W, 3] RGB 0..255, labels uint8 [N, H, W]) of a split."""
         dataset = self.dataset()
         samples = dataset.samples(split)
         images = np.stack([pipeline.load_image(s.image_path) for s in samples]).astype(np.float32)
         labels = np.stack([pipeline.load_label(s.label_path, dataset.info) for s in samples])
         return [s.name for s in samples], images, labels
 
+    def policy(self):
+        """The exit policy of every cache, table and model of the run."""
+        return policy.PolicyConfig(class_map_stride=self.preset.class_map_stride)
+
+    def cache_path(self, stage, precision=DEPLOYED, split="calibration"):
+        return self.path("calibration", f"{stage}_{split}_{precision}.npz")
+
+    def cache(self, stage="stage2", precision=DEPLOYED, split="calibration"):
+        return calibration.CalibrationCache.load(self.cache_path(stage, precision, split))
+
     def step_calibrate(self):
-        net = self.load("stage2")
-        names, images, labels = self._split_arrays("calibration")
-        batches = ((images[i:i + 16], labels[i:i + 16]) for i in range(0, len(images), 16))
-        cache = calibration.calibrate_network(net, checkpoints.resolve_checkpoint(self.path("stage2")), batches,
-                                              names, TH_PIX_GRID, policy.PolicyConfig(), "demo", "calibration",
-                                              partial_path=self.path("calibration.partial.npz"))
-        cache.save(self.path("calibration.npz"))
+        """The caches the search and the report read (CACHES); each is kept once written, so an
+        interrupted step redoes only the caches not finished."""
+        for stage, precision, split in CACHES:
+            path = self.cache_path(stage, precision, split)
+            if os.path.exists(path):
+                continue
+            start = time.time()
+            self._calibrate(stage, precision, split).save(path)
+            self.progress(f"  {stage} on the {split} split in {precision}: {time.time() - start:.0f} s")
+
+    def _calibrate(self, stage, precision, split):
+        net, policy_config = self.load(stage), self.policy()
+        names, images, labels = self.split_arrays(split)
+        batches = ((images[i:i + 8], labels[i:i + 8]) for i in range(0, len(images), 8))
+        checkpoint = checkpoints.resolve_checkpoint(self.path(stage))
+        partial = self.cache_path(stage, precision, split) + ".partial.npz"
+        if precision == "float32":
+            return calibration.calibrate_network(net, checkpoint, batches, names, TH_PIX_GRID, policy_config, "demo",
+                                                 split, partial_path=partial)
+        return calibration.calibrate_parts(net, self._calibration_parts(stage, precision), checkpoint, batches, names,
+                                           TH_PIX_GRID, policy_config, export.segment_positions(net, net.exit_ids),
+                                           "demo", split, partial_path=partial, num_threads=1)
+
+    def _calibration_parts(self, stage, precision):
+        """The converted parts of a network whose heads give every pixel threshold's confidence."""
+        key = (stage, precision)
+        if key not in self._parts:
+            net = self.load(stage)
+            _, images, _ = self.split_arrays("calibration")
+            self._parts[key] = export.convert_parts(net, precision, list(images[:self.preset.quantization_images]),
+                                                    policy_config=self.policy(),
+                                                    positions=export.segment_positions(net, net.exit_ids),
+                                                    th_pix_grid=TH_PIX_GRID)
+        return self._parts[key]
 
     def step_profile(self):
+        """The deployed precision's latency table of the MESS network's parts on this host."""
         net = self.load("stage2")
-        _, images, _ = self._split_arrays("calibration")
+        _, images, _ = self.split_arrays("calibration")
         timing = host.HostTimingConfig(num_threads=1, warmup_runs=3, num_runs=self.preset.timing_runs)
-        # The heads are timed with the confidence the cache was calibrated with (the search checks).
-        policy_config = calibration.CalibrationCache.load(self.path("calibration.npz")).policy
-        for precision in PRECISIONS:
-            models = export.convert_parts(net, precision, list(images[:self.preset.quantization_images]),
-                                          policy_config=policy_config)
-            key = table_lib.TableKey(host.host_device(), precision, 1, net.backbone.input_size)
-            host.measure_parts({k: table_lib.PartModel(v) for k, v in models.items()},
-                               self.path(f"latency_{precision}.json"), key,
-                               [p.name for p in net.backbone.positions], timing, policy_config=policy_config)
-            self.progress(f"  profiled {len(models)} parts in {precision}")
+        positions = export.segment_positions(net, net.exit_ids)
+        models = export.convert_parts(net, DEPLOYED, list(images[:self.preset.quantization_images]),
+                                      policy_config=self.policy(), positions=positions)
+        key = table_lib.TableKey(host.host_device(), DEPLOYED, 1, net.backbone.input_size)
+        host.measure_parts({k: table_lib.PartModel(v) for k, v in models.items()}, self.path(f"latency_{DEPLOYED}.json"),
+                           key, [p.name for p in positions], timing, policy_config=self.policy())
+        self.progress(f"  profiled {len(models)} parts in {DEPLOYED}")
 
-    def cost_table(self, precision="int8"):
+    def cost_table(self, precision=DEPLOYED):
         return table_lib.LatencyTable.load(self.path(f"latency_{precision}.json")).cost_table()
 
-    def step_search(self):
-        cache = calibration.CalibrationCache.load(self.path("calibration.npz"))
+    def bar(self):
+        """(mIoU, expected ms) on the calibration split of the network MESS must match: the
+        baseline trained for as many steps as the MESS network, in the deployed precision."""
         costs = self.cost_table()
-        final = search.evaluate(cache, costs, DeploymentConfig("dynamic"))
-        front = search.search(cache, costs, TH_IMG_GRID, "pareto", mode="dynamic")
+        baseline = search.evaluate(self.cache("baseline_same_budget"), costs, DeploymentConfig("dynamic"))
+        return baseline.miou, baseline.expected_cost
+
+    def requirement(self, name):
+        """(search objective, its keyword arguments) of a requirement of REQUIREMENTS: a bound on
+        the drop below the bar (the search bounds the drop from the MESS network's own final exit,
+        so the bar's gap to it is added), or the bar's latency as the budget."""
+        objective, drop_pp = {n: (o, d) for n, o, d in REQUIREMENTS}[name]
+        bar_miou, bar_cost = self.bar()
+        if objective == "max_miou":
+            return objective, {"budget": bar_cost}
+        final = search.evaluate(self.cache(), self.cost_table(), DeploymentConfig("dynamic"))
+        return objective, {"max_drop_pp": max(0.0, 100 * (final.miou - bar_miou) + drop_pp)}
+
+    def step_search(self):
+        """One configuration per requirement, searched on the cache of the precision that ships."""
+        cache, costs = self.cache(), self.cost_table()
+        bar_miou, bar_cost = self.bar()
+        front = search.search(cache, costs, TH_IMG_GRID, "pareto", mode="dynamic", max_exits=self.preset.max_exits)
         io_utils.write_json(self.path("search", "pareto.json"), {
-            "front": [r.to_dict() for r in front.front], "final": front.final.to_dict(),
+            "front": [r.to_dict() for r in front.front], "final": front.final.to_dict(), "bar_miou": bar_miou,
             "space_size": front.space_size, "evaluated": front.evaluated, "seconds": front.seconds})
-        for name, objective, kwargs in REQUIREMENTS:
-            if objective == "max_miou":
-                kwargs = {"budget": final.expected_cost}
-            outcome = search.search(cache, costs, TH_IMG_GRID, objective, mode="dynamic", **kwargs)
+        for name, _, _ in REQUIREMENTS:
+            objective, kwargs = self.requirement(name)
+            outcome = search.search(cache, costs, TH_IMG_GRID, objective, mode="dynamic",
+                                    max_exits=self.preset.max_exits, **kwargs)
             config = outcome.best.deployment_config(cache.network_config, {"requirement": name})
             config.save(self.path("configs", f"{name}.json"))
-            self.progress(f"  {name}: predicted mIoU {outcome.best.miou:.4f} (final {final.miou:.4f}), "
-                          f"expected {outcome.best.expected_cost:.2f} ms")
+            self.progress(f"  {name}: predicted mIoU {100 * outcome.best.miou:.2f} (bar {100 * bar_miou:.2f}), "
+                          f"expected {outcome.best.expected_cost:.2f} ms (bar {bar_cost:.2f} ms)")
 
     # -- deployment and measurement --------------------------------------------------------------
 
     def deployments(self):
         """Name -> (training stage, DeploymentConfig) of every model the report compares."""
-        out = {"baseline": ("baseline", DeploymentConfig("budgeted"))}
+        out = {name: (name, DeploymentConfig("budgeted")) for name in BASELINES}
         for name, _, _ in REQUIREMENTS:
             out[name] = ("stage2", DeploymentConfig.load(self.path("configs", f"{name}.json")))
         return out
 
     def models(self):
-        """[(model key `<deployment>_<precision>`, training stage, DeploymentConfig, precision, key of
-        the first model that is the same)]: deployments that agree on the training stage and on
-        everything but provenance (requirements often pick the same exits and thresholds) are one
-        model."""
+        """[(model key, training stage, DeploymentConfig, key of the first model that is the same)]:
+        deployments that agree on the training stage and on everything but provenance
+        (requirements often pick the same exits and thresholds) are one model."""
         first, out = {}, []
         for name, (stage, config) in self.deployments().items():
-            for precision in PRECISIONS:
-                key = f"{name}_{precision}"
-                same = first.setdefault((stage, config.fingerprint(), precision), key)
-                out.append((key, stage, config, precision, same))
+            same = first.setdefault((stage, config.fingerprint()), name)
+            out.append((name, stage, config, same))
         return out
 
+    def model_path(self, name):
+        return self.path("models", f"{name}_{DEPLOYED}.tflite")
+
     def step_export(self):
-        """Exports every distinct model in both precisions; a model equal to an earlier one is
-        copied, not converted again."""
-        _, images, _ = self._split_arrays("calibration")
-        for key, stage, config, precision, same in self.models():
-            path = self.path("models", f"{key}.tflite")
+        """Exports every distinct model; a model equal to an earlier one is copied, not converted again."""
+        _, images, _ = self.split_arrays("calibration")
+        for key, stage, config, same in self.models():
+            path = self.model_path(key)
             if same != key:
-                export.copy_staged_model(self.path("models", f"{same}.tflite"), path, config)
+                export.copy_staged_model(self.model_path(same), path, config)
                 self.progress(f"  {path}: same model as {same}, copied")
                 continue
-            export.export_staged_model(path, self.load(stage), config, precision,
-                                       list(images[:self.preset.quantization_images]),
+            export.export_staged_model(path, self.load(stage), config, DEPLOYED,
+                                       list(images[:self.preset.quantization_images]), policy_config=self.policy(),
                                        class_names=self.dataset().info.class_names)
             self.progress(f"  exported {path}")
 
     def step_evaluate(self):
-        """Runs every distinct exported model on every test image; a copied model (see step_export)
-        gets the results of the model it copies. The models take turns image by image (in a
-        rotating order), so drift in the host's speed hits them all alike and the latency ratios are
-        side by side, not minutes apart."""
-        names, images, labels = self._split_arrays("test")
+        """Runs every distinct exported model on every test image. The models take turns image by
+        image (in a rotating order), so drift in the host's speed hits them all alike and the
+        latency ratios are side by side, not minutes apart."""
+        names, images, labels = self.split_arrays("test")
         num_classes = self.dataset().info.num_classes
         measured_as = {key: same for key, *_, same in self.models()}
         keys = [key for key, same in measured_as.items() if same == key]
-        models = {k: runtime.StagedModel.load(self.path("models", f"{k}.tflite"), num_threads=1) for k in keys}
+        models = {k: runtime.StagedModel.load(self.model_path(k), num_threads=1) for k in keys}
         matrices = {k: metrics.ConfusionMatrix(num_classes) for k in keys}
         exits, times = {k: [] for k in keys}, {k: [] for k in keys}
         for i, (image, label) in enumerate(zip(images, labels)):
@@ -284,92 +452,69 @@ class Experiment:
         for k, source in measured_as.items():
             ids, counts = np.unique(exits[source], return_counts=True)
             results[k] = {"miou": matrices[source].miou(), "latency_ms": float(np.mean(times[source])),
+                          "latency_ms_median": float(np.median(times[source])),
                           "exit_fractions": {i: float(c) / len(exits[source]) for i, c in zip(ids, counts)},
-                          "measured_as": source}
-            self.progress(f"  {k}: mIoU {results[k]['miou']:.4f}, {results[k]['latency_ms']:.2f} ms/image"
+                          "exits": exits[source], "measured_as": source}
+            self.progress(f"  {k}: test mIoU {100 * results[k]['miou']:.2f}, {results[k]['latency_ms']:.2f} ms/image"
                           + ("" if source == k else f" (the model of {source})"))
-        results["oracle"] = self._oracle(images, labels)
         io_utils.write_json(self.path("evaluation.json"), results)
-
-    def _oracle(self, images, labels):
-        """Each test image leaves at the cheapest exit (by int8 latency of the truncated network)
-        whose pixel accuracy is at least the final exit's: the bound any exit policy can reach."""
-        net = self.load("stage2")
-        costs = self.cost_table()
-        exit_cost = {e: costs.worst(DeploymentConfig("budgeted", [ExitChoice(*e.split(":", 1))]))
-                     for e in net.exit_ids}
-        exit_cost["final"] = costs.worst(DeploymentConfig("budgeted"))
-        order = sorted(exit_cost, key=exit_cost.get)
-        matrix, spent = metrics.ConfusionMatrix(net.config.num_classes), []
-        for i in range(len(images)):
-            logits = net.model(images[i:i + 1], training=False)
-            preds = {k: np.argmax(v[0].numpy(), -1) for k, v in logits.items()}
-            valid = labels[i] != 255
-            accuracy = {k: float(np.mean(p[valid] == labels[i][valid])) if valid.any() else 1.0
-                        for k, p in preds.items()}
-            chosen = next(k for k in order if accuracy[k] >= accuracy["final"])
-            matrix.update(preds[chosen], labels[i])
-            spent.append(exit_cost[chosen])
-        return {"miou": matrix.miou(), "latency_ms_int8_composed": float(np.mean(spent)),
-                "final_ms_int8_composed": float(exit_cost["final"])}
 
     # -- report ------------------------------------------------------------------------------------
 
+    def steps_of(self, stage):
+        """Optimiser steps the network of a training stage has seen, from ImageNet (or scratch)."""
+        p = self.preset
+        return p.baseline_steps + (0 if stage == "baseline" else self.same_budget_steps())
+
     def step_report(self):
         evaluation = io_utils.read_json(self.path("evaluation.json"), "evaluation")
-        cache = calibration.CalibrationCache.load(self.path("calibration.npz"))
-        macs = _macs_table(self)
-        rows = []
-        base = evaluation["baseline_int8"], evaluation["baseline_float32"]
-        for name, (_, config) in self.deployments().items():
-            int8, fp32 = evaluation[f"{name}_int8"], evaluation[f"{name}_float32"]
-            fractions = [int8["exit_fractions"].get(e, 0.0) for e in config.exit_ids]
-            rows.append({"name": name, "miou_test": round(100 * int8["miou"], 2),
-                         "macs": int(macs.expected(config, fractions)),
-                         "latency_ms_int8": round(int8["latency_ms"], 3),
-                         "latency_ms_float": round(fp32["latency_ms"], 3),
-                         "ratio_vs_baseline_int8": round(base[0]["latency_ms"] / int8["latency_ms"], 2),
-                         "ratio_vs_baseline_float": round(base[1]["latency_ms"] / fp32["latency_ms"], 2)})
-        oracle = evaluation["oracle"]
-        rows.append({"name": "oracle", "miou_test": round(100 * oracle["miou"], 2), "macs": None,
-                     "latency_ms_int8": round(oracle["latency_ms_int8_composed"], 3), "latency_ms_float": None,
-                     # both sides composed from the same latency table: the final exit costs what the baseline does
-                     "ratio_vs_baseline_int8": round(oracle["final_ms_int8_composed"] / oracle["latency_ms_int8_composed"], 2),
-                     "ratio_vs_baseline_float": None})
-        io_utils.write_json(self.path("report", "headline.json"), rows)
+        costs, test_cache = self.cost_table(), self.cache(split="test")
+        rows = headline.rows(self, evaluation)
+        oracle = headline.oracle(test_cache, costs)
+        goals = headline.goals(rows, oracle)
+        ceilings = headline.ceilings(test_cache, costs)
+        io_utils.write_json(self.path("report", "headline.json"),
+                            {"rows": rows, "goals": goals, "ceilings": ceilings, "oracle": oracle})
+        self._plots(evaluation, costs)
+        shared = [f"{k} is the model of {v['measured_as']}" for k, v in evaluation.items() if v["measured_as"] != k]
+        p = self.preset
+        with io_utils.atomic_open(self.path("report", "summary.md")) as f:
+            f.write(f"# MESS demo ({p.data} preset: {p.backbone.name}"
+                    f"{' ImageNet-pretrained' if p.backbone.weights else ' from scratch'}, "
+                    f"{p.final_head.kind}, {self.network_config().input_size[0]}x{self.network_config().input_size[1]})"
+                    f"\n\n{headline.summary_markdown(rows, goals, ceilings, oracle, DEPLOYED)}\n\n"
+                    + (f"Identical deployments are one model, measured once: {'; '.join(shared)}.\n\n" if shared else "")
+                    + f"Training: baseline {p.baseline_steps} steps; the same-budget baseline and the MESS network "
+                    f"start from it, the MESS network with stage 1 ({p.stage1_steps} steps) and stage 2 "
+                    f"({p.stage2_steps} steps), batch {p.batch_size}"
+                    f"{f', {p.crop_size}x{p.crop_size} crops' if p.crop_size else ''}.\n")
+
+    def _plots(self, evaluation, costs):
         pareto = io_utils.read_json(self.path("search", "pareto.json"), "pareto front")
         front = [(r["expected_cost"], 100 * r["miou"]) for r in pareto["front"]]
-        markers = [("final exit (calibration)", pareto["final"]["expected_cost"], 100 * pareto["final"]["miou"])]
-        report.pareto_plot(self.path("report", "pareto.png"), [], front, markers, unit="ms (int8, host)",
+        markers = [("MESS final exit (calibration)", pareto["final"]["expected_cost"], 100 * pareto["final"]["miou"]),
+                   ("same-budget baseline (calibration)", self.bar()[1], 100 * pareto["bar_miou"])]
+        report.pareto_plot(self.path("report", "pareto.png"), [], front, markers, unit=f"ms ({DEPLOYED}, host)",
                            title=f"Calibration split: {pareto['space_size']:.3g} configurations searched")
         report.exit_distribution_plot(self.path("report", "exit_distribution.png"), {
-            name: evaluation[f"{name}_int8"]["exit_fractions"] for name in self.deployments() if name != "baseline"})
+            name: evaluation[name]["exit_fractions"] for name, (stage, _) in self.deployments().items()
+            if stage == "stage2"})
+        total = costs.backbone_to(costs.positions[-1]) + costs.final_head
+        report.latency_breakdown_plot(self.path("report", "latency_breakdown.png"), headline.latency_parts(costs),
+                                      total, title=f"Where the time goes ({DEPLOYED}, host, 1 thread)")
+        curve = io_utils.read_json(self.path("baseline", training.METRICS), "training metrics").get("miou_curve")
+        if curve:
+            report.learning_curve_plot(self.path("report", "learning_curve.png"),
+                                       {"baseline (validation)": [(c["step"], 100 * c["miou"]["final"]) for c in curve]})
         self._examples()
-        table = report.markdown_table(rows, report.HEADLINE_KEYS)
-        shared = [f"{k} is the model of {v['measured_as']}" for k, v in evaluation.items()
-                  if k != "oracle" and k.endswith("_int8") and v["measured_as"] != k]
-        summary = (f"# MESS demo ({self.preset.data} preset)\n\nTest split, host LiteRT, 1 thread. mIoU in %, "
-                   f"MACs expected per image, latency mean ms per image. The oracle's latency is composed from "
-                   f"the int8 latency table, and so is the final-exit cost its ratio is taken against.\n\n{table}\n\n"
-                   + (f"Identical deployments are one model, measured once: {'; '.join(shared)}.\n\n" if shared else "")
-                   + f"Calibration images: {cache.num_images}. Exits: {', '.join(cache.exit_ids)}.\n\n"
-                   f"Training: baseline {self.preset.baseline_steps} steps; the MESS network starts from it, then "
-                   f"stage 1 {self.preset.stage1_steps} and stage 2 {self.preset.stage2_steps} steps "
-                   f"(batch {self.preset.batch_size}, from scratch, no pretrained weights).\n")
-        with io_utils.atomic_open(self.path("report", "summary.md")) as f:
-            f.write(summary)
 
     def _examples(self, count=4):
         net = self.load("stage2")
-        names, images, labels = self._split_arrays("test")
+        _, images, labels = self.split_arrays("test")
         logits = net.model(images[:count], training=False)
-        columns = list(net.exit_ids) + ["final"]
+        columns = list(net.exit_ids) + [FINAL_EXIT]
         predictions = [[np.argmax(logits[c][i].numpy(), -1) for c in columns] for i in range(min(count, len(images)))]
+        titles = [c if c == FINAL_EXIT else c.replace(":", "\n") for c in columns]
         report.examples_plot(self.path("report", "examples.png"), list(images[:count]), list(labels[:count]),
-                             predictions, self.dataset().info.palette, [c.split(":")[-1] for c in columns])
-
-
-def _macs_table(experiment):
-    """The MACs CostTable of the stage-2 network's parts."""
-    return cost_model.costs_of(experiment.load("stage2")).cost_table()
+                             predictions, self.dataset().info.palette, titles)
 

@@ -161,19 +161,32 @@ def _signature_function(key, model, wrap_outputs):
 # -- exit outputs: what an app reads ------------------------------------------------------------
 
 
-def _class_map(logits):
-    """Logits [1, H, W, C] at the input size -> uint8 [1, H, W] class indices."""
-    return tf.cast(tf.argmax(logits, axis=-1), tf.uint8)
+def class_map_size(input_size, policy_config):
+    """(H, W) of the class maps a model outputs: the input size / policy_config.class_map_stride."""
+    stride = policy_config.class_map_stride
+    if input_size[0] % stride or input_size[1] % stride:
+        raise ValueError(f"class_map_stride={stride} does not divide the input size {input_size[0]}x{input_size[1]}")
+    return input_size[0] // stride, input_size[1] // stride
 
 
-def _class_map_outputs(logits):
-    """The outputs of a signature ending at a class map: {CLASS_MAP: uint8 [1, H, W]}."""
-    return {CLASS_MAP: _class_map(logits)}
+def _class_map(coarse_logits, size):
+    """An exit's coarse logits [1, h, w, C] -> uint8 [1, H', W'] class indices: the logits resized
+    bilinearly to `size` (at the input size, exactly what the exit's own upsampling layer does),
+    then their argmax."""
+    return tf.cast(tf.argmax(tf.image.resize(coarse_logits, size, method="bilinear"), axis=-1), tf.uint8)
+
+
+def upsample_class_map(class_map, stride):
+    """uint8 [..., H', W'] class indices -> [..., H' * stride, W' * stride] by nearest neighbour:
+    what an app does with a map exported at class_map_stride > 1 (on its GPU, for free)."""
+    if stride == 1:
+        return class_map
+    return np.repeat(np.repeat(class_map, stride, axis=-2), stride, axis=-1)
 
 
 def _confidence(coarse_logits, th_pix, stride, policy_config, precision):
-    """Image confidence [1] of an exit from its coarse logits (its own output resolution, as in
-    calibration), computed in the graph by the exit policy."""
+    """Image confidence [1] (or [1, P] for P thresholds th_pix) of an exit from its coarse logits
+    (its own output resolution, as in calibration), computed in the graph by the exit policy."""
     confidence = policy.image_confidence_tf(coarse_logits, th_pix, stride, policy_config)
     if precision == "int8":
         # A fraction in [0, 1]: pin its int8 range instead of trusting calibration to span it.
@@ -192,16 +205,32 @@ def _input_like(tensor, name):
 
 
 def _class_map_model(net, eid):
-    """Exit `eid`'s coarse logits {COARSE_LOGITS: [1, h, w, C]} -> its logits at the input size:
-    the exit's own upsampling layer, replayed."""
+    """The model of exit `eid`'s class-map signature: its coarse logits {COARSE_LOGITS: [1, h, w, C]},
+    passed on as they are; the signature's outputs (`_class_map`) resize them and take the argmax."""
     source = keras.Input(net.coarse_logits(eid).shape[1:], name=COARSE_LOGITS)
-    return keras.Model({COARSE_LOGITS: source}, graph.replay(net.logits(eid), [(net.coarse_logits(eid), source)]),
-                       name="class_map_" + network._io_name(eid))
+    return keras.Model({COARSE_LOGITS: source}, source, name="class_map_" + network._io_name(eid))
 
 
-def _parts(net, exit_ids):
-    """Part key -> (Keras model, {model input name: the net's tensor that feeds it})."""
-    positions = net.backbone.positions
+def _class_map_outputs(size):
+    """The outputs callable of a signature ending at a class map, from coarse logits:
+    {CLASS_MAP: uint8 [1, H', W']} at `size`."""
+    return lambda coarse_logits: {CLASS_MAP: _class_map(coarse_logits, size)}
+
+
+def segment_positions(net, exit_ids):
+    """The positions where part segments end for `exit_ids`: every exit's position, the decoder's
+    (V3+), and the backbone output, in depth order. Between them a segment has no other exit to
+    serve, so cutting there only adds conversions and timing noise."""
+    wanted = {net.position_of(e).name for e in exit_ids} | {net.backbone.positions[-1].name}
+    if net.config is not None and net.config.final_head.kind == "deeplabv3plus":
+        wanted.add(net.backbone.decoder_position(net.config.final_head.decoder_position))
+    return [p for p in net.backbone.positions if p.name in wanted]
+
+
+def _parts(net, exit_ids, positions=None):
+    """Part key -> (Keras model, {model input name: the net's tensor that feeds it}); segments end
+    at `positions` (default every candidate position)."""
+    positions = net.backbone.positions if positions is None else positions
     parts, previous = {}, net.image
     for position in positions:
         name = "image" if previous is net.image else network._io_name(graph.producer(previous).name)
@@ -224,6 +253,23 @@ def _parts(net, exit_ids):
     return parts
 
 
+def part_sources(net, exit_ids, positions=None):
+    """Where each part's inputs come from, to chain converted parts as the network runs.
+
+    Returns:
+      {part key: {input name: "image" or the key of the segment part whose output it is}} for the
+      segments, heads and the final head of _parts(net, exit_ids, positions); a class map's input
+      is the coarse logits of a head at its position.
+    """
+    parts = _parts(net, exit_ids, positions)
+    segment_of = {id(net.image): "image"}
+    for key, (model, _) in parts.items():
+        if table.parse_part_key(key)[0] == table.SEGMENT:
+            segment_of[id(net.backbone.feature(table.parse_part_key(key)[1]))] = key
+    return {key: {name: segment_of[id(tensor)] for name, tensor in feeds.items()}
+            for key, (_, feeds) in parts.items() if table.parse_part_key(key)[0] != table.CLASS_MAP}
+
+
 def class_map_exits(net, exit_ids):
     """Position name -> one exit there: every head at a position gives coarse logits of the same
     shape, upsampled the same way, so one class-map part per position times them all.
@@ -241,12 +287,14 @@ def class_map_exits(net, exit_ids):
     return exits
 
 
-def part_models(net, exit_ids=None):
+def part_models(net, exit_ids=None, positions=None):
     """Stand-alone Keras models of every part a latency table times, sharing the net's weights.
 
     Args:
       net: MultiExitNetwork.
       exit_ids: exits whose heads to include (default: all of net.exit_ids).
+      positions: Positions where segments end (default every candidate position; see
+        segment_positions for the fewest a set of exits needs).
 
     Returns:
       dict keyed by latency.table.part_key, in depth order:
@@ -261,11 +309,11 @@ def part_models(net, exit_ids=None):
       the argmax after a class map and after the final head.
     """
     exit_ids = net.exit_ids if exit_ids is None else list(exit_ids)
-    return {key: model for key, (model, _) in _parts(net, exit_ids).items()}
+    return {key: model for key, (model, _) in _parts(net, exit_ids, positions).items()}
 
 
 def _final_head_part(net):
-    final = net.logits(FINAL_EXIT)
+    final = net.coarse_logits(FINAL_EXIT)
     cut = [net.backbone.model.output]
     if net.config.final_head.kind == "deeplabv3plus":
         cut.append(net.backbone.feature(net.backbone.decoder_position(net.config.final_head.decoder_position)))
@@ -316,23 +364,24 @@ def convert_model(model, precision, calibration_inputs=None, signature=DEFAULT_S
     return _convert({signature: function}, model.variables, precision, dataset)
 
 
-def _part_outputs(net, key, precision, policy_config):
+def _part_outputs(net, key, precision, policy_config, th_pix=PROFILE_TH_PIX):
     """What a staged model computes after part `key`, as a convert_model `outputs` callable: a
-    head's coarse logits and image confidence, a class map's or the final head's argmax."""
+    head's coarse logits and image confidence (at th_pix: a float, or a grid of them), a class
+    map's or the final head's argmax."""
     kind, name = table.parse_part_key(key)
     if kind == table.HEAD:
         stride = net.position_of(name).stride
 
         def head(coarse):
-            return {COARSE_LOGITS: coarse,
-                    CONFIDENCE: _confidence(coarse, PROFILE_TH_PIX, stride, policy_config, precision)}
+            return {COARSE_LOGITS: coarse, CONFIDENCE: _confidence(coarse, th_pix, stride, policy_config, precision)}
         return head
     if kind in (table.CLASS_MAP, table.FINAL_HEAD):
-        return _class_map_outputs
+        return _class_map_outputs(class_map_size(net.backbone.input_size, policy_config))
     return None
 
 
-def convert_parts(net, precision, calibration_images=None, exit_ids=None, policy_config=None):
+def convert_parts(net, precision, calibration_images=None, exit_ids=None, policy_config=None, positions=None,
+                  th_pix_grid=None):
     """Converts every part of `net` (see part_models) to TFLite, each with what a staged model
     computes after it: heads end at their image confidence, class maps and the final head at the
     argmax.
@@ -343,20 +392,25 @@ def convert_parts(net, precision, calibration_images=None, exit_ids=None, policy
       calibration_images: int8 only: iterable of RGB 0..255 images [H, W, 3] (or [1, H, W, 3]).
       exit_ids: heads to convert (default all).
       policy_config: policy.PolicyConfig of the heads' confidences (default PolicyConfig()).
+      positions: where segments end (see part_models).
+      th_pix_grid: None: heads output one confidence, as timed (PROFILE_TH_PIX). A grid of P
+        pixel thresholds: heads output the confidence at each, [1, P], computed as a deployed
+        model computes one (what calibrate_parts reads).
 
     Returns:
       dict part name (as in part_models) -> .tflite bytes.
     """
     _check_precision(precision)
     policy_config = policy_config or policy.PolicyConfig()
-    parts = _parts(net, net.exit_ids if exit_ids is None else list(exit_ids))
+    th_pix = PROFILE_TH_PIX if th_pix_grid is None else [float(t) for t in th_pix_grid]
+    parts = _parts(net, net.exit_ids if exit_ids is None else list(exit_ids), positions)
     calibration = {}
     if precision == "int8":
         if calibration_images is None:
             raise ValueError("int8 conversion needs calibration images")
         calibration = _part_calibration(net, parts, calibration_images)
     return {key: convert_model(model, precision, calibration.get(key),
-                               outputs=_part_outputs(net, key, precision, policy_config))
+                               outputs=_part_outputs(net, key, precision, policy_config, th_pix))
             for key, (model, _) in parts.items()}
 
 
@@ -416,32 +470,31 @@ def _stages(net, config):
     return models, stages, class_maps
 
 
-def _exit_outputs(result, stage, policy_config, precision):
-    """What stage k returns about its exit: the class map (input resolution), or, where a class-map
+def _exit_outputs(result, stage, policy_config, precision, size):
+    """What stage k returns about its exit: the class map (at `size`), or, where a class-map
     signature computes it on demand, the coarse logits it starts from; and, for early exits, the
     image confidence on the coarse logits (their own output resolution, as in calibration)."""
     coarse = result[network.EXIT_COARSE_LOGITS]
-    outputs = ({COARSE_LOGITS: coarse} if stage.class_map_signature else
-               {CLASS_MAP: _class_map(result[network.EXIT_LOGITS])})
+    outputs = {COARSE_LOGITS: coarse} if stage.class_map_signature else {CLASS_MAP: _class_map(coarse, size)}
     if stage.is_early_exit:
         outputs[CONFIDENCE] = _confidence(coarse, stage.th_pix, stage.stride, policy_config, precision)
     return outputs
 
 
-def _stage_functions(models, stages, class_maps, policy_config, precision):
+def _stage_functions(models, stages, class_maps, policy_config, precision, size):
     def wrap(stage):
         def outputs(result):
             features = {n: v for n, v in result.items() if n not in STAGE_EXIT_OUTPUTS}
-            return {**features, **_exit_outputs(result, stage, policy_config, precision)}
+            return {**features, **_exit_outputs(result, stage, policy_config, precision, size)}
         return outputs
 
     functions = {s.signature: _signature_function(s.signature, m, wrap(s)) for m, s in zip(models, stages)}
     for key, model in class_maps.items():
-        functions[key] = _signature_function(key, model, _class_map_outputs)
+        functions[key] = _signature_function(key, model, _class_map_outputs(size))
     return functions
 
 
-def _full_function(models, stages, class_maps, policy_config, precision):
+def _full_function(models, stages, policy_config, precision, size):
     """One signature running every stage back to back, every exit's class map included: the
     unstaged model of a configuration. Outputs `<signature>_class_map` and
     `<signature>_confidence` per stage."""
@@ -452,10 +505,9 @@ def _full_function(models, stages, class_maps, policy_config, precision):
         outputs, available = {}, dict(image)
         for model, stage in zip(models, stages):
             result = model({n: available[n] for n in stage.inputs}, training=False)
-            exit_outputs = _exit_outputs(result, stage, policy_config, precision)
+            exit_outputs = _exit_outputs(result, stage, policy_config, precision, size)
             if stage.class_map_signature:
-                logits = class_maps[stage.class_map_signature]({COARSE_LOGITS: exit_outputs.pop(COARSE_LOGITS)})
-                exit_outputs[CLASS_MAP] = _class_map(logits)
+                exit_outputs[CLASS_MAP] = _class_map(exit_outputs.pop(COARSE_LOGITS), size)
             for name, value in exit_outputs.items():
                 outputs[f"{stage.signature}_{name}"] = value
             available.update({n: result[n] for n in stage.features})
@@ -514,10 +566,11 @@ def build_model(net, config, precision, calibration_images=None, policy_config=N
         raise ValueError("int8 conversion needs calibration images (the calibration split)")
     policy_config = policy_config or policy_of(config)
     models, stages, class_maps = _stages(net, config)
+    size = class_map_size(net.backbone.input_size, policy_config)
     if staged:
-        functions = _stage_functions(models, stages, class_maps, policy_config, precision)
+        functions = _stage_functions(models, stages, class_maps, policy_config, precision, size)
     else:
-        functions = {FULL_SIGNATURE: _full_function(models, stages, class_maps, policy_config, precision)}
+        functions = {FULL_SIGNATURE: _full_function(models, stages, policy_config, precision, size)}
     dataset = None
     if precision == "int8":
         dataset = _stage_calibration(models, stages, calibration_images, net.config.input_size, set(functions))
@@ -584,11 +637,13 @@ def staged_metadata(net, config, precision, stages, policy_config=None, class_na
 
     Returns:
       dict with format, precision, mode, classes, input (size [H, W], dtype, range, channels),
-      stages (signature, exit_id, stride, th_pix, th_img, inputs, features,
-      class_map_signature), policy,
-      deployment (config.to_dict()), network (net.config.to_dict()).
+      class_map (stride: input pixels per class-map pixel, size [H', W'], upsampling: how an app
+      brings it to the input size), stages (signature, exit_id, stride, th_pix, th_img, inputs,
+      features, class_map_signature), policy, deployment (config.to_dict()), network
+      (net.config.to_dict(), None for a wrapped model).
     """
     num_classes = net.config.num_classes
+    policy_config = policy_config or policy_of(config)
     class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names given for a network of {num_classes} classes")
@@ -599,8 +654,10 @@ def staged_metadata(net, config, precision, stages, policy_config=None, class_na
         "classes": class_names,
         "input": {"size": list(net.config.input_size), "channels": "RGB", "dtype": "float32",
                   "range": [0, 255], "batch": 1},
+        "class_map": {"stride": policy_config.class_map_stride,
+                      "size": list(class_map_size(net.backbone.input_size, policy_config)), "upsampling": "nearest"},
         "stages": [dataclasses.asdict(s) for s in stages],
-        "policy": (policy_config or policy_of(config)).to_dict(),
+        "policy": policy_config.to_dict(),
         "deployment": config.to_dict(),
         "network": net.config.to_dict(),
     }

@@ -50,21 +50,29 @@ class PolicyConfig:
       confidence_stride: the finest stride (input pixels per pixel, a power of two) a decision is
         made at; exits finer than it decide on average-pooled logits. 1: every exit decides at
         its own resolution.
+      class_map_stride: input pixels per pixel of the class map an exported model outputs (a
+        power of two): its logits are resized to input / class_map_stride and their argmax taken
+        there; the app upsamples the class indices by nearest neighbour (export.upsample_class_map),
+        as it would on its GPU. 1: the argmax at the input size. Not part of the decision, but it
+        changes what the class maps score and cost, so it travels with the policy (calibration
+        caches, latency tables, deployments).
     """
 
     confidence: str = "top1"
     edge_smoothing: bool = True
     edge_radius_per_stride: float = 0.125
     confidence_stride: int = 1
+    class_map_stride: int = 1
 
     def __post_init__(self):
         if self.confidence not in CONFIDENCES:
             raise ValueError(f"policy confidence {self.confidence!r} is not one of {CONFIDENCES}")
         if self.edge_radius_per_stride <= 0:
             raise ValueError(f"edge_radius_per_stride must be > 0, got {self.edge_radius_per_stride}")
-        stride = self.confidence_stride
-        if not isinstance(stride, int) or stride < 1 or stride & (stride - 1):
-            raise ValueError(f"confidence_stride must be a power of two >= 1 (input pixels per pixel), got {stride!r}")
+        for name in ("confidence_stride", "class_map_stride"):
+            stride = getattr(self, name)
+            if not isinstance(stride, int) or stride < 1 or stride & (stride - 1):
+                raise ValueError(f"{name} must be a power of two >= 1 (input pixels per pixel), got {stride!r}")
 
     def pooling(self, stride, size):
         """Logit pixels averaged per decision pixel along each axis for an exit at `stride`
@@ -276,9 +284,18 @@ def smoothed_confidence_tf(logits, stride, cfg=PolicyConfig()):
 
 
 def image_confidence_tf(logits, th_pix, stride, cfg=PolicyConfig()):
-    """[B, H, W, C] logits -> [B] float32 fraction of pixels with smoothed confidence >= th_pix."""
-    passed = tf.cast(smoothed_confidence_tf(logits, stride, cfg) >= th_pix, tf.float32)
-    return tf.reduce_mean(passed, axis=[1, 2])
+    """[B, H, W, C] logits -> [B] float32 fraction of pixels with smoothed confidence >= th_pix.
+
+    A sequence of P thresholds gives [B, P], one smoothing shared by all (the calibration models
+    compute each threshold's fraction with the ops a deployed model runs for one)."""
+    smoothed = smoothed_confidence_tf(logits, stride, cfg)
+
+    def fraction(th):
+        return tf.reduce_mean(tf.cast(smoothed >= th, tf.float32), axis=[1, 2])
+
+    if np.ndim(th_pix) == 0:
+        return fraction(th_pix)
+    return tf.stack([fraction(float(th)) for th in th_pix], axis=-1)
 
 
 def should_exit_tf(image_conf, th_img):

@@ -1,4 +1,5 @@
-"""Tables and plots people read: the headline table, the Pareto front, exit distributions, examples.
+"""Tables and plots people read: the headline table, the Pareto front, exit distributions, examples,
+learning curves and where the latency goes.
 
 Plots use matplotlib's Agg backend (no display) and are written atomically.
 """
@@ -12,8 +13,6 @@ import numpy as np  # noqa: E402
 
 from mess_tf import io_utils  # noqa: E402
 
-HEADLINE_KEYS = ("name", "miou_test", "macs", "latency_ms_int8", "latency_ms_float",
-                 "ratio_vs_baseline_int8", "ratio_vs_baseline_float")
 
 
 def _save(fig, path):
@@ -104,4 +103,44 @@ def examples_plot(path, images, labels, predictions, palette, titles):
             axes[r, c].axis("off")
             if r == 0:
                 axes[r, c].set_title((["image", "truth"] + list(titles))[c], fontsize=7)
+    _save(fig, path)
+
+
+def learning_curve_plot(path, curves, title="Validation mIoU while training"):
+    """Lines of validation mIoU against training step.
+
+    Args:
+      curves: {label: [(step, mIoU %), ...]}.
+    """
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, (label, points) in enumerate(curves.items()):
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o", ms=3, color=f"C{i}", label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
+def latency_breakdown_plot(path, parts, total_ms, title="Where the time goes"):
+    """Horizontal bars: each part's latency as a fraction of the whole network's.
+
+    Args:
+      parts: [(label, ms)] in network order (backbone segments, then the final head), and any
+        extra parts (exit heads, class maps) after them.
+      total_ms: the whole network's latency (ms) the fractions are of.
+    """
+    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.28 * len(parts)))
+    labels = [label for label, _ in parts]
+    fractions = [ms / total_ms for _, ms in parts]
+    ax.barh(range(len(parts)), fractions, color="C0")
+    for row, (fraction, (_, ms)) in enumerate(zip(fractions, parts)):
+        ax.text(fraction, row, f" {fraction:.1%} ({ms:.2f} ms)", va="center", fontsize=7)
+    ax.set_yticks(range(len(parts)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(fractions) * 1.35)
+    ax.set_xlabel(f"fraction of the whole network's {total_ms:.1f} ms")
+    ax.set_title(title)
     _save(fig, path)

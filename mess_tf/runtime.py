@@ -53,12 +53,18 @@ class StagedModel:
       model_path: the .tflite file.
       metadata: its metadata dict (export.staged_metadata).
       num_threads: interpreter threads (None: LiteRT's default).
+      full_resolution: a model exported with class_map_stride > 1 outputs class maps at
+        1 / class_map_stride of the input size; True upsamples them to the input size (nearest
+        neighbour, export.upsample_class_map), False returns them as the model gives them, for
+        an app that upsamples on its GPU.
     """
 
-    def __init__(self, model_path, metadata, num_threads=None):
+    def __init__(self, model_path, metadata, num_threads=None, full_resolution=True):
         from ai_edge_litert.interpreter import Interpreter
 
         self.metadata = metadata
+        stride = metadata.get("class_map", {}).get("stride", 1)
+        self._upsampling = stride if full_resolution else 1
         self.stages = [export.Stage(**{**s, "inputs": tuple(s["inputs"]), "features": tuple(s["features"])})
                        for s in metadata["stages"]]
         self.interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
@@ -70,11 +76,12 @@ class StagedModel:
                                     for stage, runner in zip(self.stages, self._runners)]
 
     @classmethod
-    def load(cls, path, num_threads=None):
+    def load(cls, path, num_threads=None, full_resolution=True):
         """Loads MODEL.tflite and MODEL.tflite.json beside it."""
         if not os.path.exists(path):
             raise FileNotFoundError(f"staged model not found: {path}")
-        return cls(path, io_utils.read_json(export.metadata_path(path), "staged-model metadata"), num_threads)
+        return cls(path, io_utils.read_json(export.metadata_path(path), "staged-model metadata"), num_threads,
+                   full_resolution)
 
     @property
     def mode(self):
@@ -100,7 +107,7 @@ class StagedModel:
         if image.shape != (1, *self.input_size, 3):
             raise ValueError(f"image has shape {image.shape}; this model takes one RGB 0..255 image "
                              f"[{self.input_size[0]}, {self.input_size[1]}, 3]")
-        return _quantise(image.astype(np.float32), self._image_detail)
+        return quantise(image.astype(np.float32), self._image_detail)
 
     def anytime(self, image, th_img=None, stop_early=False):
         """Runs the stages in order, yielding an ExitResult after each exit.
@@ -123,7 +130,7 @@ class StagedModel:
             stage_start = time.perf_counter()
             outputs = self._runners[k](**{name: available[name] for name in stage.inputs})
             if stage.is_early_exit:
-                confidence = _dequantise(outputs[export.CONFIDENCE], self._confidence_details[k])
+                confidence = dequantise(outputs[export.CONFIDENCE], self._confidence_details[k])
                 confidences.append(float(confidence.reshape(-1)[0]))
             leaves = stop_early and stage.is_early_exit and confidences[-1] >= thresholds[k]
             if stop_early and not leaves and k + 1 < len(self.stages):
@@ -133,6 +140,8 @@ class StagedModel:
                 class_map = class_map[export.CLASS_MAP][0]
             else:
                 class_map = outputs[export.CLASS_MAP][0]
+            if class_map is not None:
+                class_map = export.upsample_class_map(class_map, self._upsampling)
             available.update({name: outputs[name] for name in stage.features})  # kept for any later stage
             now = time.perf_counter()
             stage_ms.append((now - stage_start) * 1e3)
@@ -193,8 +202,9 @@ class StagedModel:
         return th_img + [None] * (len(exported) - len(th_img))
 
 
-def _quantise(x, detail):
-    """float -> the tensor's dtype, with its quantisation parameters if it is integer."""
+def quantise(x, detail):
+    """float -> a tensor's dtype (detail: a LiteRT tensor detail), with its quantisation parameters
+    if it is integer."""
     scale, zero_point = detail["quantization"]
     if detail["dtype"] == np.float32 or scale == 0:
         return x.astype(detail["dtype"])
@@ -202,7 +212,8 @@ def _quantise(x, detail):
     return np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(detail["dtype"])
 
 
-def _dequantise(x, detail):
+def dequantise(x, detail):
+    """The tensor's values as float32 (integer tensors dequantised with their scale and zero point)."""
     scale, zero_point = detail["quantization"]
     if detail["dtype"] == np.float32 or scale == 0:
         return np.asarray(x, np.float32)

@@ -75,6 +75,9 @@ class TrainConfig:
       precise_bn_batches: after the last step, replace the moving mean and variance of every
         batch-norm layer the stage trains by their average over this many training batches
         (precise_batch_norm; 0 = keep the moving averages).
+      crop_size: (H, W) of the training crops in pixels, when smaller than the network's input
+        size: the network is fully convolutional, so it trains on crops and is evaluated, saved
+        and deployed at its input size; None = the input size.
     """
 
     stage: str = "baseline"
@@ -104,10 +107,13 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 8
     precise_bn_batches: int = 0
+    crop_size: tuple = None
 
     def __post_init__(self):
         for name in ("exits", "positions", "heads"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.crop_size is not None:
+            object.__setattr__(self, "crop_size", tuple(int(v) for v in self.crop_size))
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; expected one of {STAGES}")
         if self.schedule not in SCHEDULES:
@@ -391,13 +397,16 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
     """Trains one stage; resumes if `output_dir` already holds a checkpoint of the same run.
 
     Args:
-      network_config: network.NetworkConfig (input_size = the training crop).
+      network_config: network.NetworkConfig (its input size is the deployed one; the network
+        trains at train_config.crop_size when that is given).
       train_config: TrainConfig.
       train_data: tf.data.Dataset of (images float32 [B, H, W, 3] RGB 0..255, labels uint8/int
-        [B, H, W], 255 = ignore) with B = train_config.batch_size, infinite (or at least `steps`
-        batches) and deterministic for a given seed (a resumed run skips the batches consumed).
+        [B, H, W], 255 = ignore) with B = train_config.batch_size and H x W the crop size,
+        infinite (or at least `steps` batches) and deterministic for a given seed (a resumed run
+        skips the batches consumed).
       output_dir: the run directory (checkpoints, run_config.json, metrics.json, logs/).
-      val_data: optional tf.data of (images, labels) batches for per-exit validation mIoU.
+      val_data: optional tf.data of (images, labels) batches at the network's input size, for
+        per-exit validation mIoU; every evaluation is kept in metrics.json's `miou_curve`.
       init_from: optional run directory or checkpoint to initialise from by layer name (e.g. a
         stage-1 run for stage 2); ignored when resuming.
       strategy: a tf.distribute.Strategy; default: the current (default) strategy.
@@ -413,7 +422,8 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
                          f"{strategy.num_replicas_in_sync} replicas")
     if config.precise_bn_batches and strategy.num_replicas_in_sync > 1:
         raise ValueError("precise_bn_batches needs a single replica; set it to 0 under a multi-replica strategy")
-    _check_batches(train_data, network_config, "train_data")
+    crop_config = dataclasses.replace(network_config, input_size=config.crop_size or network_config.input_size)
+    _check_batches(train_data, crop_config, "train_data")
     mixed = config.mixed_precision and bool(tf.config.list_physical_devices("GPU"))
     if config.mixed_precision and not mixed:
         logging.warning("mixed precision needs a GPU; training in float32")
@@ -426,7 +436,7 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
 
     keras.utils.set_random_seed(config.seed)
     with _compute_dtype(mixed), strategy.scope():
-        net = network.MultiExitNetwork(network_config, exits)
+        net = network.MultiExitNetwork(crop_config, exits)
         if config.bn_momentum is not None:
             _set_bn_momentum(net.model, config.bn_momentum)
         plans = _plans(net, config)
@@ -457,9 +467,20 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
     data = iter(strategy.experimental_distribute_dataset(train_data.skip(start)))
     eval_every = config.eval_every or config.checkpoint_every
 
-    def run_eval():
-        return evaluate(net.model, val_data, network_config.num_classes, config.eval_batches)
+    # Crops train a network built at their size; evaluation runs at the input size, on a twin
+    # network built there that gets the current weights (the layers and weights are the same).
+    eval_net = net if crop_config == network_config or val_data is None else network.MultiExitNetwork(network_config, exits)
 
+    def run_eval(step):
+        if eval_net is not net:
+            eval_net.model.set_weights(net.model.get_weights())
+        result = evaluate(eval_net.model, val_data, network_config.num_classes, config.eval_batches)
+        curve.append({"step": step, "miou": result})
+        if is_chief:  # kept beside the checkpoints, so a resumed run keeps the evaluations done
+            io_utils.write_json(metrics_path + ".curve", curve)
+        return result
+
+    curve = _read_curve(metrics_path + ".curve", start)
     window, window_start, window_steps = collections.defaultdict(list), time.perf_counter(), 0
     started, last_checkpoint, miou, throughput, last_losses = time.perf_counter(), None, None, [], None
     for step in range(start + 1, config.steps + 1):
@@ -470,8 +491,10 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
         window_steps += 1
         if step % config.checkpoint_every == 0 or step == config.steps:
             last_checkpoint = save(step)
-        evaluated = val_data is not None and config.eval_batches and (step % eval_every == 0 or step == config.steps)
-        miou = run_eval() if evaluated else miou
+        # With precise batch norm the last evaluation waits for the statistics it sets.
+        last = step == config.steps and not config.precise_bn_batches
+        evaluated = val_data is not None and config.eval_batches and (step % eval_every == 0 or last)
+        miou = run_eval(step) if evaluated else miou
         if evaluated or step % config.log_every == 0 or step == config.steps:  # every mIoU is reported
             elapsed = time.perf_counter() - window_start
             rate = window_steps * config.batch_size / max(elapsed, 1e-9)
@@ -493,16 +516,26 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
     if config.precise_bn_batches:
         precise_batch_norm(net, plans, (next(data) for _ in range(config.precise_bn_batches)))
         last_checkpoint = save(config.steps)  # a rerun recomputes the same statistics from the same batches
+        if val_data is not None and config.eval_batches:
+            curve[:] = [point for point in curve if point["step"] < config.steps]
+            miou = run_eval(config.steps)
     last_checkpoint = last_checkpoint or checkpoints.resolve_checkpoint(output_dir)
     metrics = {"stage": config.stage, "steps": config.steps, "resumed_from_step": start, "exits": net.exit_ids,
                "train_seconds": time.perf_counter() - started, "mixed_precision": mixed,
                # the first window includes tracing; leave it out when there are others
                "images_per_s": float(np.median(throughput[1:] or throughput)) if throughput else None,
                "final_losses": last_losses, "miou": miou, "precise_bn_batches": config.precise_bn_batches,
-               "checkpoint": last_checkpoint}
+               "checkpoint": last_checkpoint, "miou_curve": curve}
     if is_chief:
         io_utils.write_json(metrics_path, metrics)
     return TrainResult(net, output_dir, last_checkpoint, metrics)
+
+
+def _read_curve(path, start):
+    """The validation evaluations an interrupted run made up to its checkpoint `start`."""
+    if not start or not os.path.exists(path):
+        return []
+    return [point for point in io_utils.read_json(path, "validation curve") if point["step"] <= start]
 
 
 def precise_batch_norm(net, plans, batches):

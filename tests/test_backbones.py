@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from mess_tf import backbones
+from mess_tf.backbones import applications
 from mess_tf.keras_lib import keras
 
 # Multiply-adds published for the ImageNet classifiers at 224x224 (MobileNetV2 paper Table 4,
@@ -15,10 +16,11 @@ PUBLISHED_MACS = {
     "resnet101": 7.6e9,
 }
 EXPECTED_POSITIONS = {"mobilenet_v2": 17, "mobilenet_v3_large": 15, "mobilenet_v3_small": 11,
-                      "resnet50": 16, "resnet101": 33}
+                      "resnet50": 16, "resnet101": 33, "efficientnet_lite0": 16, "efficientnet_lite1": 21,
+                      "efficientnet_lite2": 21, "efficientnet_lite3": 24, "efficientnet_lite4": 30}
 
 
-@pytest.mark.parametrize("name", backbones.BACKBONES)
+@pytest.mark.parametrize("name", applications.NAMES)  # EfficientNet-Lite: test_efficientnet_lite.py
 def test_classifier_macs_match_published_figures(name):
     assert backbones.classification_macs(name) == pytest.approx(PUBLISHED_MACS[name], rel=0.03)
 
@@ -45,7 +47,7 @@ def test_resnet_positions_are_every_bottleneck():
 def test_output_stride_32_is_the_unmodified_network():
     config = backbones.BackboneConfig("mobilenet_v2", 32, alpha=0.35)
     b = backbones.Backbone(config, (64, 64))
-    original = backbones._classification_network(config, (64, 64))
+    original = backbones.classification_network(config, (64, 64))
     convs = [layer for layer in b.model.layers if isinstance(layer, keras.layers.DepthwiseConv2D)]
     assert all(layer.dilation_rate == (1, 1) for layer in convs)
     assert [layer.get_config()["strides"] for layer in convs] == [
@@ -62,7 +64,7 @@ def test_dilated_rates_follow_deeplab():
 
 def test_local_weights_file_loads_by_name(tmp_path):
     config = backbones.BackboneConfig("mobilenet_v2", 16, alpha=0.35)
-    classifier = backbones._classification_network(config, (64, 64), include_top=True)
+    classifier = backbones.classification_network(config, (64, 64), include_top=True)
     path = str(tmp_path / "mobilenet_v2_0.35.h5")
     classifier.save_weights(path)
     b = backbones.Backbone(backbones.BackboneConfig("mobilenet_v2", 16, alpha=0.35, weights=path), (64, 64))
@@ -72,7 +74,7 @@ def test_local_weights_file_loads_by_name(tmp_path):
 
 
 def test_mismatched_weights_file_is_a_clear_error(tmp_path):
-    other = backbones._classification_network(backbones.BackboneConfig("mobilenet_v2", 32, alpha=0.5), (64, 64))
+    other = backbones.classification_network(backbones.BackboneConfig("mobilenet_v2", 32, alpha=0.5), (64, 64))
     path = str(tmp_path / "wrong.h5")
     other.save_weights(path)
     with pytest.raises(ValueError, match=r"wrong\.h5 does not match the model: layer '\w+' has shapes"):

@@ -19,11 +19,17 @@ def _data(seed=0):
     return images, labels, logits
 
 
+def _predictions(logits, index):
+    return calibration.from_logits(({k: logits[k][index] for k in (*EXITS, "final")},
+                                    {k: logits[f"{k}/coarse"][index] for k in EXITS}), EXITS, (8, 16), TH_PIX,
+                                   policy.PolicyConfig())
+
+
 def _build(images, labels, logits, calls, **kwargs):
     def predict(batch):
         calls.extend(batch[:, 0, 0, 0].astype(int).tolist())
         index = batch[:, 0, 0, 0].astype(int)
-        return ({k: logits[k][index] for k in (*EXITS, "final")}, {k: logits[f"{k}/coarse"][index] for k in EXITS})
+        return _predictions(logits, index)
 
     batches = [(images[i:i + 3], labels[i:i + 3]) for i in range(0, IMAGES, 3)]
     return calibration.build_cache(predict, batches, EXITS, (8, 16), CLASSES, TH_PIX, policy.PolicyConfig(),
@@ -55,7 +61,7 @@ def test_interrupted_pass_resumes_where_it_stopped(tmp_path):
             raise KeyboardInterrupt
         calls.extend(batch[:, 0, 0, 0].astype(int).tolist())
         index = batch[:, 0, 0, 0].astype(int)
-        return ({k: logits[k][index] for k in (*EXITS, "final")}, {k: logits[f"{k}/coarse"][index] for k in EXITS})
+        return _predictions(logits, index)
 
     batches = [(images[i:i + 3], labels[i:i + 3]) for i in range(0, IMAGES, 3)]
     with pytest.raises(KeyboardInterrupt):

@@ -81,12 +81,13 @@ def test_describe_covers_every_backbone(name):
 
 
 def test_describe_cli_prints_one_json_object():
-    out = subprocess.run([sys.executable, "-m", "tools.describe", "--backbone=mobilenet_v3_small", "--input_size=64",
-                          "--output_stride=8", "--heads=fcn_w0_b0,aspp_w64", "--format=json"],
+    out = subprocess.run([sys.executable, "-m", "tools.describe", "--backbone=efficientnet_lite0", "--input_size=224",
+                          "--output_stride=32", "--heads=fcn_w0_b0,aspp_w64", "--format=json"],
                          capture_output=True, text=True, check=True).stdout
     d = json.loads(out)
     assert [h["id"] for h in d["heads"]] == ["fcn_w0_b0", "aspp_w64"]
-    assert len(d["positions"]) == 11
+    assert len(d["positions"]) == 16
+    assert d["classifier_macs"] == pytest.approx(407e6, rel=0.06)  # EfficientNet-Lite0's published MAdds
 
 
 def test_describe_cli_rejects_bad_input():

@@ -98,10 +98,12 @@ def test_parts_chain_to_the_network_and_convert(tiny_net):
         coarse = parts[f"head:{eid}"](features[position])
         network_coarse = keras.Model(tiny_net.image, tiny_net.coarse_logits(eid))(image)
         np.testing.assert_allclose(coarse.numpy(), network_coarse.numpy(), atol=1e-4)
-        logits = parts[f"class_map:{position}"]({export.COARSE_LOGITS: coarse})
-        np.testing.assert_allclose(logits.numpy(), expected[eid].numpy(), atol=1e-4)
+        # A class map takes the coarse logits as they are; its signature resizes them (below).
+        passed = parts[f"class_map:{position}"]({export.COARSE_LOGITS: coarse})
+        np.testing.assert_array_equal(passed.numpy(), coarse.numpy())
     final = parts["final_head"](features[positions[-1]])
-    np.testing.assert_allclose(final.numpy(), expected["final"].numpy(), atol=1e-4)
+    network_final = keras.Model(tiny_net.image, tiny_net.coarse_logits("final"))(image)
+    np.testing.assert_allclose(final.numpy(), network_final.numpy(), atol=1e-4)
 
     # Converted (as convert_parts does), each part ends with what a staged model computes after it.
     def convert(key):
@@ -114,6 +116,13 @@ def test_parts_chain_to_the_network_and_convert(tiny_net):
                               **{export.COARSE_LOGITS: head[export.COARSE_LOGITS]})[export.CLASS_MAP]
     agree = class_map[0] == expected[EXITS[1]].numpy()[0].argmax(-1)
     assert class_map.dtype == np.uint8 and agree.mean() > 0.98  # float16 flips near-ties only
+    # class_map_stride=2: the argmax of the logits resized to half the input, upsampled by the app.
+    halved = export._part_outputs(tiny_net, "class_map:block_6_project_BN", "float32", policy.PolicyConfig(class_map_stride=2))
+    small = run_signature(export.convert_model(parts["class_map:block_6_project_BN"], "float32", outputs=halved),
+                          "serving_default", **{export.COARSE_LOGITS: head[export.COARSE_LOGITS]})[export.CLASS_MAP]
+    want = tf.image.resize(head[export.COARSE_LOGITS], (32, 32)).numpy().argmax(-1)
+    assert small.shape == (1, 32, 32) and (small == want).mean() > 0.99
+    assert export.upsample_class_map(small, 2).shape == (1, 64, 64)
     calibration = export._part_calibration(tiny_net, {"final_head": export._final_head_part(tiny_net)}, images(4))
     int8 = export.convert_model(parts["final_head"], "int8", calibration["final_head"])
     from ai_edge_litert.interpreter import Interpreter

@@ -153,3 +153,32 @@ def test_exported_confidence_is_the_calibration_policy_on_coarse_logits(tiny_net
             assert logits.shape[:2] == (64 // stride, 64 // stride)
             expected = policy.image_confidence(logits, 0.4, stride)
             assert abs(confidence - expected) <= 1.0 / logits[..., 0].size + 1e-6
+
+
+@pytest.mark.parametrize("precision, class_map_stride", [("int8", 1), ("float32", 2)])
+def test_calibration_of_the_converted_parts_predicts_the_exported_model(tiny_net, tmp_path, precision,
+                                                                         class_map_stride):
+    """The cache made from converted parts holds exactly the confidences and class maps the staged
+    model of that precision computes: the search predicts the model that ships."""
+    from mess_tf import calibration
+
+    grid, config = (0.3, 0.5, 0.7), policy.PolicyConfig(class_map_stride=class_map_stride)
+    quantisation_images, batch = images(8, seed=1), images(5, seed=7)
+    labels = np.random.default_rng(0).integers(0, 5, (5, 64, 64))
+    positions = export.segment_positions(tiny_net, tiny_net.exit_ids)
+    parts = export.convert_parts(tiny_net, precision, quantisation_images, policy_config=config, positions=positions,
+                                 th_pix_grid=grid)
+    checkpoint = tmp_path / "ckpt"
+    tf.train.Checkpoint(model=tiny_net.model).write(str(checkpoint))
+    cache = calibration.calibrate_parts(tiny_net, parts, str(checkpoint), [(batch, labels)],
+                                        [f"im{i}" for i in range(5)], grid, config, positions=positions)
+    path = tmp_path / "model.tflite"
+    export.export_staged_model(path, tiny_net, dynamic_config(tiny_net, th_pix=grid[1]), precision,
+                               calibration_images=quantisation_images, policy_config=config)
+    model = runtime.StagedModel.load(path)
+    for n, image in enumerate(batch):
+        results = list(model.anytime(image))  # every exit, every class map
+        assert results[-1].confidences == pytest.approx(list(cache.conf_frac[n, :, 1]), abs=1e-6)
+        for e, result in enumerate(results):
+            counts = calibration.confusion_counts(result.class_map, labels[n], 5)
+            np.testing.assert_array_equal(counts, np.stack([cache.tp[n, e], cache.fp[n, e], cache.fn[n, e]]))

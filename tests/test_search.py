@@ -40,7 +40,8 @@ def synthetic():
 
     def predict(batch):
         index = batch[:, 0, 0, 0].astype(int)
-        return {k: v[index] for k, v in logits.items()}
+        return calibration.from_logits({k: v[index] for k, v in logits.items()}, EXITS, [STRIDE] * len(EXITS),
+                                       TH_PIX, policy.PolicyConfig())
 
     batches = [(images[i:i + 5], labels[i:i + 5]) for i in range(0, IMAGES, 5)]
     cache = calibration.build_cache(predict, batches, EXITS, [STRIDE] * len(EXITS), CLASSES, TH_PIX,

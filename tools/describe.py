@@ -28,6 +28,8 @@ def describe(config, head_space):
         "input_size": list(config.input_size),
         "output_stride": config.backbone.output_stride,
         "backbone_macs": costs.backbone_macs,
+        # The unmodified ImageNet classifier at this input size, comparable with published MAdds.
+        "classifier_macs": backbones.classification_macs(config.backbone.name, config.backbone.alpha, config.input_size),
         "positions": [{"name": p.name, "stride": p.stride, "channels": p.channels,
                        "cumulative_macs": p.cumulative_macs} for p in costs.positions],
         "final_head_macs": costs.final_head.macs,
@@ -39,7 +41,8 @@ def describe(config, head_space):
 def format_table(d):
     """Human-readable tables of positions and head costs (MACs in millions)."""
     lines = [f"{d['backbone']} @ {d['input_size'][0]}x{d['input_size'][1]}, output stride {d['output_stride']}: "
-             f"backbone {d['backbone_macs'] / 1e6:.1f} MMACs, final head {d['final_head_macs'] / 1e6:.1f} MMACs", ""]
+             f"backbone {d['backbone_macs'] / 1e6:.1f} MMACs, final head {d['final_head_macs'] / 1e6:.1f} MMACs "
+             f"(the ImageNet classifier: {d['classifier_macs'] / 1e6:.1f} MMACs)", ""]
     ids = [h["id"] for h in d["heads"]]
     lines.append(f"{'#':>3} {'position':<36} {'stride':>6} {'ch':>5} {'cum MMACs':>10}  " +
                  " ".join(f"{i:>14}" for i in ids))

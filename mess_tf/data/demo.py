@@ -27,9 +27,11 @@ Every image's factors are recorded in difficulty.json; `summarize` turns them in
 Splits train / calibration / val / test use disjoint sets of digit scans (backgrounds are shared).
 The dataset is written once, atomically, in the generic folder layout (see folder.py).
 """
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -71,7 +73,8 @@ class DemoPreset:
 PRESETS = {
     "tiny": DemoPreset(64, 48, 16, 16, 16),          # tests: a second or two
     "quick": DemoPreset(96, 200, 64, 64, 64),        # a minutes-long end-to-end demo
-    "default": DemoPreset(128, 1000, 200, 200, 200),  # `make demo`
+    "scratch": DemoPreset(128, 1000, 200, 200, 200),  # the from-scratch MobileNetV2 demo
+    "default": DemoPreset(384, 1000, 200, 200, 200),  # `make demo`: a deployment-scale input
 }
 
 
@@ -211,18 +214,39 @@ def _draw_distractors(rng, image, label, size, count):
     label[mask] = 0
 
 
-def _write_split(root, split, preset, seed, pool):
+def render_sample(split, index, preset="default", seed=0):
+    """One demo image, as `generate` writes it: (image uint8 [S, S, 3], label uint8 [S, S], record).
+
+    Each image draws from its own seed (seed, split, index), so it is the same whatever else is
+    generated, in whatever order.
+    """
     images, labels = _digits()
+    pool = _digit_pools(seed)[split]
+    rng = np.random.default_rng([seed, int(hashlib.sha1(split.encode()).hexdigest()[:8], 16), index])
+    return _render(rng, PRESETS[preset].image_size, images[pool], labels[pool])
+
+
+def _write_samples(root, split, preset, seed, indices):
+    """Renders and writes images `indices` of a split; returns their difficulty records."""
     records = {}
-    split_seed = int(hashlib.sha1(split.encode()).hexdigest()[:8], 16)
-    for i in range(preset.count(split)):
-        rng = np.random.default_rng([seed, split_seed, i])  # per image: independent of generation order
-        image, label, record = _render(rng, preset.image_size, images[pool], labels[pool])
+    for i in indices:
+        image, label, record = render_sample(split, i, preset, seed)
         name = f"{split}_{i:05d}"
         _write_png(os.path.join(root, "images", split, name + ".png"), image)
         _write_png(os.path.join(root, "labels", split, name + ".png"), label, INFO.palette)
         records[name] = {"split": split, **record}
     return records
+
+
+def _write_all(root, preset, seed, workers):
+    """Every split, rendered by `workers` processes (spawned: they import numpy and PIL only)."""
+    jobs = [(split, list(range(start, min(start + 50, PRESETS[preset].count(split)))))
+            for split in SPLITS for start in range(0, PRESETS[preset].count(split), 50)]
+    if workers <= 1:
+        return [_write_samples(root, split, preset, seed, indices) for split, indices in jobs]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(pool.map(_write_samples, *zip(*[(root, split, preset, seed, indices) for split, indices in jobs])))
 
 
 def _write_png(path, array, palette=None):
@@ -231,8 +255,11 @@ def _write_png(path, array, palette=None):
         f.write(visualize.encode_png(array, palette))
 
 
-def generate(out_dir, preset="default", seed=0):
+def generate(out_dir, preset="default", seed=0, workers=None):
     """Writes the demo dataset to `out_dir` once (generic folder layout + difficulty.json). Returns out_dir.
+
+    `workers` processes render the images (default: one per CPU core, one per 100 images at most:
+    starting a process costs about as much as rendering a hundred small images).
 
     If `out_dir` already holds the same preset and seed it is left as it is. The data is written to a
     temporary folder beside `out_dir` and renamed into place, so an interrupted run leaves nothing.
@@ -243,6 +270,9 @@ def generate(out_dir, preset="default", seed=0):
     stamp = {"preset": preset, "seed": seed, "version": VERSION, **dataclasses.asdict(PRESETS[preset])}
     if _holds(out_dir, stamp):
         return out_dir
+    if workers is None:
+        total = sum(PRESETS[preset].count(split) for split in SPLITS)
+        workers = max(1, min(os.cpu_count() or 1, total // 100))
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(os.path.abspath(out_dir)) + ".tmp-")
@@ -251,9 +281,9 @@ def generate(out_dir, preset="default", seed=0):
             for split in SPLITS:
                 os.makedirs(os.path.join(tmp, kind, split))
         folder.write_classes(os.path.join(tmp, folder.CLASSES_FILE), INFO)
-        pools, records = _digit_pools(seed), {}
-        for split in SPLITS:
-            records.update(_write_split(tmp, split, PRESETS[preset], seed, pools[split]))
+        records = {}
+        for part in _write_all(tmp, preset, seed, workers):
+            records.update(part)
         io_utils.write_json(os.path.join(tmp, DIFFICULTY_FILE), records)
         io_utils.write_json(os.path.join(tmp, STAMP_FILE), stamp)
         if os.path.isdir(out_dir) and not os.listdir(out_dir):

