@@ -125,12 +125,11 @@ class CalibrationCache:
 def _read_npz(path, names):
     if not os.path.exists(path):
         raise FileNotFoundError(f"calibration cache not found: {path}")
+    contents = io_utils.read_npz(path, "calibration cache")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            contents = {k: data[k] for k in data.files}
         meta = json.loads(str(contents["metadata"])) if "metadata" in contents else None
-    except (OSError, ValueError) as e:  # not a zip (np.load then refuses it as a pickle), bad JSON
-        raise ValueError(f"calibration cache {path} is not a readable .npz: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"calibration cache {path} has unreadable metadata: {e}") from None
     missing = [k for k in (*names, "metadata") if k not in contents]
     if missing:
         raise ValueError(f"calibration cache {path} lacks arrays {missing}; is it a cache?")

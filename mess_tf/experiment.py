@@ -52,6 +52,9 @@ class Preset:
         baseline (see mess_tf/shipped.py); None = `make demo` trains the baseline itself.
       class_map_stride: policy.PolicyConfig.class_map_stride of every model (1: full resolution).
       max_exits: most early exits the search puts in a configuration.
+      stage1_exit_weight: loss weight of the early exit trained with the final one in stage 1.
+      stage2_learning_rate: peak rate of stage 2, whose heads start from scratch on frozen
+        features (default: learning_rate).
     """
 
     data: str
@@ -74,10 +77,16 @@ class Preset:
     shipped_baseline: str = None
     class_map_stride: int = 1
     max_exits: int = 2
+    stage1_exit_weight: float = 1.0
+    stage2_learning_rate: float = None
 
 
 # From-scratch MobileNets learn slowly: AdamW at a high rate and a short batch-norm horizon are what
 # made them learn within minutes on a CPU. The pretrained EfficientNet-Lite0 is fine-tuned gently.
+# Its stage-1 exits weigh 0.2: at 1.0 their gradients cost the final exit 1 pp of validation mIoU
+# over 180 steps (67.4 vs 68.3%; 69.2% with no exits). Stage 2's heads start from scratch on
+# frozen features and need a higher rate: 120 steps at 1e-3 left them near chance (stage-2 loss
+# about 2 per exit), at 1e-2 they reach 13-31% validation mIoU.
 PRESETS = {
     "quick": Preset("quick", backbones.BackboneConfig("mobilenet_v2", 16, 0.35),
                     heads.FinalHeadConfig("deeplabv3plus", 32, separable=True), 60, 30, 30, 8, (0.3, 0.6),
@@ -86,10 +95,11 @@ PRESETS = {
                       heads.FinalHeadConfig("deeplabv3plus", 64, separable=True), 900, 400, 250, 16,
                       (0.15, 0.3, 0.5, 0.75), ("fcn_w0_b0", "fcn_w32_b1", "fcn_w64_b2_rd"), 30, 16),
     "default": Preset("default", backbones.BackboneConfig("efficientnet_lite0", 16, weights=backbones.IMAGENET),
-                      heads.FinalHeadConfig("deeplabv3plus", 128, separable=True), 4000, 60, 120, 16,
+                      heads.FinalHeadConfig("deeplabv3plus", 128, separable=True), 1800, 180, 240, 16,
                       (0.14, 0.17, 0.26, 0.36), ("fcn_w32_b1", "fcn_w64_b2_rd", "aspp_w64_rd"), 30, 16,
-                      learning_rate=1e-3, crop_size=192, scale_range=(0.5, 1.5), eval_every=250,
-                      shipped_baseline="demo_efficientnet_lite0"),
+                      learning_rate=1e-3, crop_size=192, scale_range=(0.5, 1.5), eval_every=200,
+                      shipped_baseline="demo_efficientnet_lite0", stage1_exit_weight=0.2,
+                      stage2_learning_rate=1e-2),
 }
 # Requirements the search serves: (name, objective, mIoU drop allowed below the bar, in pp). The bar
 # is the same-budget baseline's mIoU; "baseline_cost" maximises mIoU at its latency instead.
@@ -106,7 +116,8 @@ CACHES = (("stage2", DEPLOYED, "calibration"), ("stage2", "float32", "calibratio
           ("baseline_same_budget", DEPLOYED, "calibration"), ("baseline", DEPLOYED, "calibration"))
 SAME_BUDGET_SUFFIX = "_same_budget"
 SHIPPED_CHECK_IMAGES = 32  # validation images tests score a shipped network on
-STEPS = ("data", "baseline", "baseline_same_budget", "stage1", "stage2", "calibrate", "profile", "search", "export", "evaluate", "report")
+STEPS = ("data", "baseline", "baseline_same_budget", "stage1", "stage2", "calibrate", "profile", "search", "export",
+         "evaluate", "report")
 TH_PIX_GRID = np.linspace(0.5, 0.95, 10)
 TH_IMG_GRID = np.linspace(0.5, 0.95, 10)
 
@@ -162,7 +173,7 @@ class Experiment:
     def step_data(self):
         demo.generate(self.data_dir, preset=self.preset.data, seed=self.seed)
 
-    def train(self, name, stage, steps, init_from=None, eval_every=0, **options):
+    def train(self, name, stage, steps, init_from=None, eval_every=0, learning_rate=None, **options):
         """Trains one stage with the demo's recipe into <run>/<name>, reporting progress; resumes
         an interrupted run.
 
@@ -171,23 +182,22 @@ class Experiment:
           stage: training.STAGES member. steps: optimiser steps of batch preset.batch_size.
           init_from: optional run folder to start from.
           eval_every: steps between validation evaluations (metrics.json's miou_curve); 0 = none.
+          learning_rate: peak AdamW rate (default: the preset's).
           **options: further TrainConfig fields (exits, positions, heads, distillation).
 
         Returns:
           training.TrainResult.
         """
         dataset, config, p = self.dataset(), self.network_config(), self.preset
-        crop = (p.crop_size,) * 2 if p.crop_size else config.input_size
-        # No flips: a mirrored digit is a different shape.
-        data = pipeline.train_dataset(dataset.samples("train"), dataset.info, crop, p.batch_size, seed=self.seed,
-                                      scale_range=p.scale_range, flip=False)
+        crop = self.crop_size()
+        data = self.train_batches()
         val, eval_batches = None, 0
         if eval_every:
             samples = dataset.samples("val")
             val = pipeline.eval_dataset(samples, dataset.info, config.input_size, p.batch_size)
             eval_batches = -(-len(samples) // p.batch_size)
         train_config = training.TrainConfig(stage=stage, steps=steps, batch_size=p.batch_size, optimizer="adamw",
-                                            learning_rate=p.learning_rate, bn_momentum=p.bn_momentum,
+                                            learning_rate=learning_rate or p.learning_rate, bn_momentum=p.bn_momentum,
                                             warmup_steps=steps // 20, seed=self.seed,
                                             checkpoint_every=max(min(steps // 4, 250), 1),
                                             log_every=max(min(steps // 10, 50), 1), eval_every=eval_every,
@@ -200,7 +210,19 @@ class Experiment:
                           f"{record.images_per_s:.0f} img/s ETA {record.eta_s:.0f} s")
 
         return training.train(config, train_config, data, self.path(name), val_data=val, init_from=init_from,
+                              class_names=dataset.info.class_names,
                               progress=report_progress)
+
+    def crop_size(self):
+        """(H, W) of the training crops."""
+        return (self.preset.crop_size,) * 2 if self.preset.crop_size else self.network_config().input_size
+
+    def train_batches(self):
+        """The demo's endless, augmented training batches (tf.data) at the crop size."""
+        dataset = self.dataset()
+        # No flips: a mirrored digit is a different shape.
+        return pipeline.train_dataset(dataset.samples("train"), dataset.info, self.crop_size(), self.preset.batch_size,
+                                      seed=self.seed, scale_range=self.preset.scale_range, flip=False)
 
     def exit_positions(self):
         config = self.network_config()
@@ -229,8 +251,9 @@ class Experiment:
         """trained/<name> as the run folder <run>, after checking it is this preset's network."""
         path = shipped.folder(name)
         record = shipped.read_record(path)
-        expected = checkpoints.network_config({"network": self.network_config().to_dict()}).to_dict()
-        diffs = checkpoints.config_differences(record["network"], expected)
+        stored, expected = (checkpoints.network_config({"network": n}).to_dict()  # weight files aside
+                            for n in (record["network"], self.network_config().to_dict()))
+        diffs = checkpoints.config_differences(stored, expected)
         if diffs or record["train"]["steps"] != steps or record.get("data") != self.data_stamp():
             raise ValueError(f"{path} is not this preset's trained network ({'; '.join(diffs) or 'steps or data differ'}); "
                              f"retrain it with: python -m tools.train_demo_baseline --preset={self.preset.data}")
@@ -282,11 +305,12 @@ class Experiment:
 
     def step_stage1(self):
         self.train("stage1", "stage1", self.preset.stage1_steps, init_from=self.path("baseline"),
-                   positions=self.exit_positions())
+                   positions=self.exit_positions(), exit_weight=self.preset.stage1_exit_weight)
 
     def step_stage2(self):
         self.train("stage2", "stage2", self.preset.stage2_steps, init_from=self.path("stage1"),
-                   positions=self.exit_positions(), heads=self.preset.exit_heads)
+                   learning_rate=self.preset.stage2_learning_rate, positions=self.exit_positions(),
+                   heads=self.preset.exit_heads)
 
     # -- calibration, latency, search ------------------------------------------------------------
 
@@ -345,13 +369,17 @@ class Experiment:
         return self._parts[key]
 
     def step_profile(self):
-        """The deployed precision's latency table of the MESS network's parts on this host."""
+        """The deployed precision's latency table of the MESS network's parts on this host. The
+        segments, class maps and final head are the calibration's parts; the heads are converted
+        again with the one confidence a deployed model computes."""
         net = self.load("stage2")
         _, images, _ = self.split_arrays("calibration")
         timing = host.HostTimingConfig(num_threads=1, warmup_runs=3, num_runs=self.preset.timing_runs)
         positions = export.segment_positions(net, net.exit_ids)
-        models = export.convert_parts(net, DEPLOYED, list(images[:self.preset.quantization_images]),
-                                      policy_config=self.policy(), positions=positions)
+        heads = [table_lib.part_key(table_lib.HEAD, e) for e in net.exit_ids]
+        models = {**self._calibration_parts("stage2", DEPLOYED),
+                  **export.convert_parts(net, DEPLOYED, list(images[:self.preset.quantization_images]),
+                                         policy_config=self.policy(), positions=positions, keys=heads)}
         key = table_lib.TableKey(host.host_device(), DEPLOYED, 1, net.backbone.input_size)
         host.measure_parts({k: table_lib.PartModel(v) for k, v in models.items()}, self.path(f"latency_{DEPLOYED}.json"),
                            key, [p.name for p in positions], timing, policy_config=self.policy())
@@ -466,15 +494,21 @@ class Experiment:
         p = self.preset
         return p.baseline_steps + (0 if stage == "baseline" else self.same_budget_steps())
 
+    def baseline_curve(self):
+        """[(step, validation mIoU of the final exit in %)] of the baseline's training; [] if not recorded."""
+        metrics = io_utils.read_json(self.path("baseline", training.METRICS), "training metrics")
+        return [(c["step"], 100 * c["miou"]["final"]) for c in metrics.get("miou_curve", [])]
+
     def step_report(self):
         evaluation = io_utils.read_json(self.path("evaluation.json"), "evaluation")
         costs, test_cache = self.cost_table(), self.cache(split="test")
         rows = headline.rows(self, evaluation)
         oracle = headline.oracle(test_cache, costs)
-        goals = headline.goals(rows, oracle)
+        goals = headline.goals(rows, oracle, self.baseline_curve())
         ceilings = headline.ceilings(test_cache, costs)
+        noise = headline.noise_floor(self.cache("baseline_same_budget"), self.cache())
         io_utils.write_json(self.path("report", "headline.json"),
-                            {"rows": rows, "goals": goals, "ceilings": ceilings, "oracle": oracle})
+                            {"rows": rows, "goals": goals, "ceilings": ceilings, "oracle": oracle, "noise": noise})
         self._plots(evaluation, costs)
         shared = [f"{k} is the model of {v['measured_as']}" for k, v in evaluation.items() if v["measured_as"] != k]
         p = self.preset
@@ -482,7 +516,7 @@ class Experiment:
             f.write(f"# MESS demo ({p.data} preset: {p.backbone.name}"
                     f"{' ImageNet-pretrained' if p.backbone.weights else ' from scratch'}, "
                     f"{p.final_head.kind}, {self.network_config().input_size[0]}x{self.network_config().input_size[1]})"
-                    f"\n\n{headline.summary_markdown(rows, goals, ceilings, oracle, DEPLOYED)}\n\n"
+                    f"\n\n{headline.summary_markdown(rows, goals, ceilings, oracle, DEPLOYED, noise)}\n\n"
                     + (f"Identical deployments are one model, measured once: {'; '.join(shared)}.\n\n" if shared else "")
                     + f"Training: baseline {p.baseline_steps} steps; the same-budget baseline and the MESS network "
                     f"start from it, the MESS network with stage 1 ({p.stage1_steps} steps) and stage 2 "
@@ -502,10 +536,9 @@ class Experiment:
         total = costs.backbone_to(costs.positions[-1]) + costs.final_head
         report.latency_breakdown_plot(self.path("report", "latency_breakdown.png"), headline.latency_parts(costs),
                                       total, title=f"Where the time goes ({DEPLOYED}, host, 1 thread)")
-        curve = io_utils.read_json(self.path("baseline", training.METRICS), "training metrics").get("miou_curve")
+        curve = self.baseline_curve()
         if curve:
-            report.learning_curve_plot(self.path("report", "learning_curve.png"),
-                                       {"baseline (validation)": [(c["step"], 100 * c["miou"]["final"]) for c in curve]})
+            report.learning_curve_plot(self.path("report", "learning_curve.png"), {"baseline (validation)": curve})
         self._examples()
 
     def _examples(self, count=4):

@@ -13,7 +13,8 @@ Three kinds of artifact come from one trained MultiExitNetwork, each in float32,
     signature per stage (`stage_1` ... `stage_N`). Stage k takes what earlier stages computed
     (the image for k = 1), and returns the feature maps later stages need and, for early exits,
     its image confidence (float [1], computed in the graph by the exit policy, so an app reads
-    one scalar per stage). The final stage returns its class map (argmax, uint8 [1, H, W]). An
+    one scalar per stage). The final stage returns its class map (argmax, uint8 [1, H, W], or
+    [1, H / s, W / s] with policy class_map_stride s, which the app upsamples). An
     early exit k of a dynamic/anytime model returns its coarse logits instead, and signature
     `class_map_k` turns them into its class map: an app runs it only for an image that leaves
     there, so an image passing an exit does not pay for upsampling logits it never shows (at
@@ -31,6 +32,7 @@ agree to float rounding; zero points exactly) and export fails if they do not.
 import dataclasses
 import logging
 import math
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -112,7 +114,11 @@ def _convert(functions, variables, precision, representative_dataset=None):
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
-    model_bytes = converter.convert()
+    with warnings.catch_warnings():
+        # The converter itself calibrates int8 with the deprecated tf.lite.Interpreter; we run
+        # models with ai_edge_litert. Its deprecation notice is about TF's code, not ours.
+        warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
+        model_bytes = converter.convert()
     if single_key not in (None, DEFAULT_SIGNATURE):
         model_bytes = _rename_signature(model_bytes, single_key)
     return model_bytes
@@ -263,7 +269,7 @@ def part_sources(net, exit_ids, positions=None):
     """
     parts = _parts(net, exit_ids, positions)
     segment_of = {id(net.image): "image"}
-    for key, (model, _) in parts.items():
+    for key in parts:
         if table.parse_part_key(key)[0] == table.SEGMENT:
             segment_of[id(net.backbone.feature(table.parse_part_key(key)[1]))] = key
     return {key: {name: segment_of[id(tensor)] for name, tensor in feeds.items()}
@@ -301,12 +307,13 @@ def part_models(net, exit_ids=None, positions=None):
       "segment:<position>" -> model (features at the previous position, or the image
         [1, H, W, 3] RGB 0..255 for the first, -> features at <position>);
       "head:<exit id>" -> model (features at its position -> coarse logits [1, h, w, classes]);
-      "class_map:<position>" -> model ({COARSE_LOGITS: coarse logits of an exit there} ->
-        logits at the input size [1, H, W, classes]);
+      "class_map:<position>" -> model ({COARSE_LOGITS: coarse logits of an exit there}, passed on
+        as they are);
       "final_head" -> model (backbone output [and, for V3+, the decoder's low-level features]
-        -> logits [1, H, W, classes]).
+        -> its coarse logits [1, h, w, classes]).
       convert_parts adds what a staged model computes at each: the image confidence after a head,
-      the argmax after a class map and after the final head.
+      the class map (bilinear resize to the class-map size, argmax) after a class map and after
+      the final head.
     """
     exit_ids = net.exit_ids if exit_ids is None else list(exit_ids)
     return {key: model for key, (model, _) in _parts(net, exit_ids, positions).items()}
@@ -381,7 +388,7 @@ def _part_outputs(net, key, precision, policy_config, th_pix=PROFILE_TH_PIX):
 
 
 def convert_parts(net, precision, calibration_images=None, exit_ids=None, policy_config=None, positions=None,
-                  th_pix_grid=None):
+                  th_pix_grid=None, keys=None):
     """Converts every part of `net` (see part_models) to TFLite, each with what a staged model
     computes after it: heads end at their image confidence, class maps and the final head at the
     argmax.
@@ -396,6 +403,7 @@ def convert_parts(net, precision, calibration_images=None, exit_ids=None, policy
       th_pix_grid: None: heads output one confidence, as timed (PROFILE_TH_PIX). A grid of P
         pixel thresholds: heads output the confidence at each, [1, P], computed as a deployed
         model computes one (what calibrate_parts reads).
+      keys: convert only these parts (default all).
 
     Returns:
       dict part name (as in part_models) -> .tflite bytes.
@@ -404,6 +412,8 @@ def convert_parts(net, precision, calibration_images=None, exit_ids=None, policy
     policy_config = policy_config or policy.PolicyConfig()
     th_pix = PROFILE_TH_PIX if th_pix_grid is None else [float(t) for t in th_pix_grid]
     parts = _parts(net, net.exit_ids if exit_ids is None else list(exit_ids), positions)
+    if keys is not None:
+        parts = {key: parts[key] for key in keys}
     calibration = {}
     if precision == "int8":
         if calibration_images is None:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -15,13 +16,15 @@ import numpy as np
 def atomic_open(path, mode="w"):
     """Opens a temporary file beside `path`; on clean exit renames it to `path`.
 
-    On an exception the temporary file is removed and `path` is left as it was.
+    On an exception the temporary file is removed and `path` is left as it was. The file gets the
+    usual permissions (0666 less the umask), not mkstemp's private 0600.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -33,11 +36,37 @@ def atomic_open(path, mode="w"):
         raise
 
 
+def _read_umask():
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: os.umask is process-wide, so never toggle it while threads write
+
+
 def write_json(path, obj):
     """Writes `obj` as indented JSON, atomically."""
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def read_npz(path, what="arrays file"):
+    """Every array of an .npz, read without unpickling anything.
+
+    Returns:
+      {name: np.ndarray}.
+
+    Raises:
+      ValueError: a truncated file or one that is not an .npz, named, in one line.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        # np.load's own message for a file that is not a zip speaks of pickles, which confuses.
+        raise ValueError(f"{what} {path} is not a readable .npz (truncated, or another kind of file)") from None
 
 
 def read_json(path, what="JSON file"):

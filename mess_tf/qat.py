@@ -9,6 +9,9 @@ Where QAT cannot run, `quantize_aware_or_float` returns the float model and says
 """
 import logging
 
+import tensorflow as tf
+
+from mess_tf import losses
 from mess_tf.keras_lib import keras, layers
 
 
@@ -16,7 +19,8 @@ class QatUnavailable(RuntimeError):
     """QAT cannot wrap this model; the message says why."""
 
 
-def _is_dilated(layer):
+def is_dilated(layer):
+    """True for a dilated convolution, which tfmot cannot fake-quantise."""
     return isinstance(layer, (layers.Conv2D, layers.DepthwiseConv2D)) and max(layer.dilation_rate) > 1
 
 
@@ -46,7 +50,7 @@ def quantize_aware(model, backbone_name=None):
     quantize = tfmot.quantization.keras
 
     def annotate(layer):
-        if registry.supports(layer) and not _is_dilated(layer):
+        if registry.supports(layer) and not is_dilated(layer):
             return quantize.quantize_annotate_layer(layer)
         return layer
 
@@ -67,3 +71,33 @@ def quantize_aware_or_float(model, backbone_name=None):
     except QatUnavailable as e:
         logging.warning("QAT unavailable, fine-tuning in float: %s", e)
         return model, str(e)
+
+
+def fine_tune(model, batches, steps, learning_rate=1e-4):
+    """Quantisation-aware fine-tuning: AdamW on the summed cross-entropy of every output.
+
+    A short loop of its own, not training.train: a QAT copy is a different Keras model (tfmot's
+    wrappers), trained for a few hundred steps to adapt to its fake quantisation, with no stages,
+    schedules or checkpoints.
+
+    Args:
+      model: a quantize_aware model, images [B, H, W, 3] -> {name: logits [B, H, W, C]}.
+      batches: iterator of (images float32 [B, H, W, 3] RGB 0..255, labels [B, H, W]).
+      steps: optimiser steps.
+      learning_rate: AdamW rate (constant).
+
+    Returns:
+      list of the total loss after each step.
+    """
+    optimizer = keras.optimizers.AdamW(learning_rate)
+
+    @tf.function
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            outputs = model(images, training=True)
+            loss = tf.add_n([losses.cross_entropy(labels, logits) for logits in outputs.values()])
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    return [float(step(*next(batches))) for _ in range(steps)]

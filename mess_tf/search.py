@@ -659,7 +659,7 @@ def search(cache, costs, th_img_grid, objective, budget=None, max_drop_pp=None, 
       objective: "max_miou" (needs `budget`, on expected cost, in costs.unit), "min_cost"
         (needs `max_drop_pp`, mIoU percentage points below the final exit) or "pareto".
       mode: "dynamic" or "budgeted".
-      max_exits: most early exits in a dynamic configuration.
+      max_exits: most early exits in a dynamic configuration (0: the final exit alone).
       allowed_exits: subset of the cache's exit ids to consider (default: all).
       workers: processes sharing the search.
       time_limit_s: stop after this many seconds (None: search the whole space). The search then
@@ -680,10 +680,12 @@ def search(cache, costs, th_img_grid, objective, budget=None, max_drop_pp=None, 
         raise ValueError(f"objective {objective!r} is not one of {OBJECTIVES}")
     if mode not in SEARCH_MODES:
         raise ValueError(f"search mode {mode!r} is not one of {SEARCH_MODES}")
-    if objective == "max_miou" and budget is None:
-        raise ValueError("objective max_miou needs a budget (ms or MACs)")
+    if objective == "max_miou" and not (budget is not None and np.isfinite(budget) and budget > 0):
+        raise ValueError(f"objective max_miou needs a budget above 0 (ms or MACs), got {budget}")
     if objective == "min_cost" and (max_drop_pp is None or max_drop_pp < 0):
         raise ValueError(f"objective min_cost needs max_drop_pp >= 0, got {max_drop_pp}")
+    if max_exits < 0:
+        raise ValueError(f"max_exits must be 0 (the final exit alone) or more, got {max_exits}")
     start = time.perf_counter()
     deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     problem = _problem(cache, costs, th_img_grid, allowed_exits)
@@ -702,7 +704,7 @@ def search(cache, costs, th_img_grid, objective, budget=None, max_drop_pp=None, 
         # the incumbent of the next, so a stopped search is never worse than the deepest level it
         # finished, and every level after the first starts with a good bar to prune against.
         evaluated = 1
-        for exits in range(1 if deadline is not None else max_exits, max_exits + 1):
+        for exits in range(1 if deadline is not None else max_exits, max_exits + 1) if max_exits else ():
             more, stopped = _run_dynamic(problem, goal, exits, workers, deadline, progress)
             evaluated += more
             if stopped:

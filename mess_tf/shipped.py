@@ -93,12 +93,7 @@ def load_network(path, input_size=None):
     weights_path = os.path.join(path, WEIGHTS)
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"shipped weights not found: {weights_path}")
-    try:
-        with np.load(weights_path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{weights_path} is not a readable .npz of weights: {e}") from None
-    set_weights(net.model, arrays, weights_path)
+    set_weights(net.model, io_utils.read_npz(weights_path, "shipped weights"), weights_path)
     return net, record
 
 

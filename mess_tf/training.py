@@ -362,6 +362,7 @@ def _check_resumable(run_dir, run_config):
                   for c in (stored, run_config)]
     for c in comparable:
         c.pop("init_from", None)
+        c.pop("class_names", None)  # names label the classes; they do not change the run
     diffs = checkpoints.config_differences(*comparable)
     if diffs:
         raise ValueError(f"output directory {run_dir} holds a run with a different config, which cannot be "
@@ -393,7 +394,7 @@ def _write_scalar(tag, value):
 # -- the entry point ------------------------------------------------------------------------------
 
 def train(network_config, train_config, train_data, output_dir, val_data=None, init_from=None,
-          strategy=None, progress=None):
+          strategy=None, progress=None, class_names=None):
     """Trains one stage; resumes if `output_dir` already holds a checkpoint of the same run.
 
     Args:
@@ -411,6 +412,7 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
         stage-1 run for stage 2); ignored when resuming.
       strategy: a tf.distribute.Strategy; default: the current (default) strategy.
       progress: optional callable receiving a Progress record every `log_every` steps.
+      class_names: optional dataset class names, kept in run_config.json for the exported metadata.
 
     Returns:
       TrainResult.
@@ -430,6 +432,8 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
     exits = resolve_exits(config, lambda: _backbone_positions(network_config))
     run_config = {"network": network_config.to_dict(), "train": config.to_dict(), "exits": exits,
                   "init_from": init_from and os.fspath(init_from)}
+    if class_names is not None:
+        run_config["class_names"] = list(class_names)
     resuming = bool(tf.train.latest_checkpoint(output_dir)) if os.path.isdir(output_dir) else False
     if resuming:
         _check_resumable(output_dir, run_config)

@@ -6,6 +6,7 @@ import pytest
 
 from mess_tf import experiment
 from mess_tf.deployment import DeploymentConfig
+from mess_tf.headline import tail_gain
 
 ROW_NAMES = ["baseline", "baseline_same_budget", "no_loss", "drop_1pp", "baseline_cost"]
 MESS_ROWS = ROW_NAMES[2:]
@@ -41,12 +42,17 @@ def test_headline_rows_measure_and_predict_every_deployment(quick_run):
 
 def test_goals_ceilings_and_oracle_are_reported(quick_run):
     _, headline, _ = quick_run
-    assert len(headline["goals"]) == 7 and all(isinstance(g["met"], bool) for g in headline["goals"])
+    assert len(headline["goals"]) == 9 and all(isinstance(g["met"], bool) for g in headline["goals"])
     ceilings, oracle = headline["ceilings"], headline["oracle"]
     assert [c["position"] for c in ceilings] == experiment.Experiment("unused", "quick").exit_positions()
     assert all(c["speedup"] > 1 for c in ceilings)  # leaving early always skips work in the table
     assert 1 <= oracle["speedup"] <= max(c["speedup"] for c in ceilings) + 1e-9
     assert sum(oracle["exit_fractions"].values()) == pytest.approx(1.0)
+    assert all(0 <= c["miou"] <= c["best_head_miou"] <= 100 for c in ceilings)
+    noise = headline["noise"]
+    assert noise["images"] == 64 and noise["bar_sd_pp"] > 0 and noise["difference_sd_pp"] > 0
+    low, high = noise["difference_ci95_pp"]
+    assert low < high
 
 
 def test_every_artifact_of_the_report_is_written(quick_run):
@@ -91,3 +97,10 @@ def test_unknown_preset_and_step_are_clear_errors(tmp_path):
         experiment.Experiment(str(tmp_path), "huge")
     with pytest.raises(ValueError, match="unknown step 'stage3'"):
         experiment.Experiment(str(tmp_path), "quick").run(until="stage3")
+
+
+def test_the_flatness_goal_reads_the_last_fifth_of_the_curve():
+    curve = [(200, 50.0), (400, 60.0), (800, 70.0), (900, 69.0), (1000, 70.5)]
+    assert tail_gain(curve) == pytest.approx(0.5)  # against step 800, the latest at <= 80%
+    assert tail_gain(curve[2:]) == pytest.approx(0.5)
+    assert tail_gain([(1000, 70.0)]) is None and tail_gain([]) is None

@@ -182,3 +182,41 @@ def test_calibration_of_the_converted_parts_predicts_the_exported_model(tiny_net
         for e, result in enumerate(results):
             counts = calibration.confusion_counts(result.class_map, labels[n], 5)
             np.testing.assert_array_equal(counts, np.stack([cache.tp[n, e], cache.fp[n, e], cache.fn[n, e]]))
+
+
+def test_calibrate_cli_in_int8_writes_the_cache_of_the_converted_parts(tmp_path):
+    """`tools.calibrate --precision=int8` is the in-process calibration of the int8 parts."""
+    import os
+    import subprocess
+    import sys
+
+    from mess_tf import calibration, checkpoints
+    from mess_tf.data import demo, pipeline, registry
+
+    data_dir = demo.generate(str(tmp_path / "data"), "tiny", seed=0)
+    tf.keras.utils.set_random_seed(5)
+    net = network.MultiExitNetwork(tiny_config(num_classes=demo.INFO.num_classes), EXITS)
+    calibrate_batch_norm(net, images(8, seed=1))
+    run = tmp_path / "run"
+    checkpoints.write_run_config(str(run), {"network": net.config.to_dict(), "train": {}, "exits": list(EXITS),
+                                            "init_from": None})
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=net.model), str(run), max_to_keep=1).save()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "tools.calibrate", f"--checkpoint={run}", "--dataset=demo",
+                           f"--data_dir={data_dir}", "--precision=int8", "--quantization_images=4",
+                           "--th_pix_steps=3", f"--output={tmp_path / 'cache.npz'}"],
+                          cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    cached = calibration.CalibrationCache.load(str(tmp_path / "cache.npz"))
+
+    samples = registry.get_dataset("demo", data_dir).samples("calibration")
+    grid, config = np.linspace(0.5, 0.95, 3), policy.PolicyConfig()
+    positions = export.segment_positions(net, net.exit_ids)
+    parts = export.convert_parts(net, "int8", [pipeline.load_image(s.image_path).astype(np.float32) for s in samples[:4]],
+                                 policy_config=config, positions=positions, th_pix_grid=grid)
+    expected = calibration.calibrate_parts(
+        net, parts, checkpoints.resolve_checkpoint(str(run)),
+        pipeline.eval_batches(samples, demo.INFO, net.backbone.input_size, 8), [s.name for s in samples], grid,
+        config, positions=positions)
+    for name in ("tp", "fp", "fn", "conf_frac"):
+        np.testing.assert_array_equal(getattr(cached, name), getattr(expected, name))

@@ -145,8 +145,19 @@ def test_impossible_constraints_are_explained(synthetic):
         search.search(cache, COSTS, TH_IMG, "max_miou", budget=0.1, workers=1)
     with pytest.raises(ValueError, match="not in the calibration cache"):
         search.search(cache, COSTS, TH_IMG, "pareto", allowed_exits=["b9:fcn_w0_b0"])
-    with pytest.raises(ValueError, match="needs a budget"):
-        search.search(cache, COSTS, TH_IMG, "max_miou")
+    for budget in (None, float("nan"), -1.0, 0.0):
+        with pytest.raises(ValueError, match=f"needs a budget above 0 .*got {budget}"):
+            search.search(cache, COSTS, TH_IMG, "max_miou", budget=budget)
+    with pytest.raises(ValueError, match="max_exits must be 0 .*got -1"):
+        search.search(cache, COSTS, TH_IMG, "pareto", max_exits=-1)
+
+
+def test_max_exits_zero_is_the_final_exit_alone(synthetic):
+    cache = synthetic[0]
+    for limit in (None, 60):
+        outcome = search.search(cache, COSTS, TH_IMG, "min_cost", max_drop_pp=100.0, max_exits=0, workers=1,
+                                time_limit_s=limit)
+        assert not outcome.best.exits and outcome.best == outcome.final and outcome.space_size == 1
 
 
 def test_a_latency_table_timed_under_another_policy_is_refused(synthetic):
@@ -228,3 +239,11 @@ def test_cli_writes_config_report_and_plot(synthetic, tmp_path):
     assert (tmp_path / "out" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     refused = subprocess.run(base + ["--objective=max_miou", "--budget_macs=0.5"], capture_output=True, text=True)
     assert refused.returncode == 2 and "cheapest achievable expected cost" in refused.stderr
+    # Bad input is one line that names the flag or the path, never a traceback.
+    nan = subprocess.run(base + ["--objective=max_miou", "--budget_macs=nan"], capture_output=True, text=True)
+    assert nan.returncode == 2 and nan.stderr.strip().splitlines()[-1] == "error: --budget_macs must be a number above 0, got nan"
+    (tmp_path / "a_file").write_text("")
+    in_the_way = subprocess.run(base + ["--objective=min_latency", "--max_drop_pp=1", f"--output_dir={tmp_path / 'a_file'}"],
+                                capture_output=True, text=True)
+    assert in_the_way.returncode == 2 and "Traceback" not in in_the_way.stderr
+    assert f"error: cannot write {tmp_path / 'a_file'}" in in_the_way.stderr

@@ -10,6 +10,7 @@ from mess_tf import checkpoints, network, optimizers, training
 from mess_tf.keras_lib import keras
 import _train_worker as fixtures
 
+CLASS_NAMES = tuple(f"thing {i}" for i in range(fixtures.NUM_CLASSES))
 STAGE2_EXITS = ("block_2_add:fcn_w8_b0", "block_2_add:fcn_w8_b1", "block_5_add:aspp_w8")
 
 
@@ -24,7 +25,8 @@ def stage1_run(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("stage1"))
     records = []
     result = training.train(fixtures.tiny_network_config(), _config(), fixtures.synthetic_dataset(4), run_dir,
-                            val_data=fixtures.synthetic_dataset(4, repeat=False, seed=9), progress=records.append)
+                            val_data=fixtures.synthetic_dataset(4, repeat=False, seed=9), progress=records.append,
+                            class_names=CLASS_NAMES)
     return result, records
 
 
@@ -75,6 +77,7 @@ def test_stage1_writes_a_complete_run_directory(stage1_run):
     assert metrics["steps"] == 3 and set(metrics["miou"]) == {"final", *fixtures.EXITS}
     run_config = checkpoints.read_run_config(result.run_dir)
     assert run_config["exits"] == list(fixtures.EXITS) and run_config["train"]["stage"] == "stage1"
+    assert run_config["class_names"] == list(CLASS_NAMES)  # what tools.export puts in the metadata
     assert checkpoints.resolve_checkpoint(result.run_dir) == os.path.join(result.run_dir, "ckpt-3")
     assert os.listdir(os.path.join(result.run_dir, "logs"))
 
@@ -102,6 +105,7 @@ def test_training_a_finished_run_again_changes_nothing(stage1_run):
     stage1, _ = stage1_run
     metrics = os.path.join(stage1.run_dir, training.METRICS)
     before = os.path.getmtime(metrics)
+    # Class names label the classes; a run given none (or others) is still the same run.
     again = training.train(fixtures.tiny_network_config(), _config(), fixtures.synthetic_dataset(4), stage1.run_dir)
     assert again.metrics == stage1.metrics and again.checkpoint == stage1.checkpoint
     assert os.path.getmtime(metrics) == before

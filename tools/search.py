@@ -9,6 +9,7 @@ expected cost, the final exit marked) and OUTPUT_DIR/CONFIG.json (accepted by to
 Large spaces (3 exits over dozens of positions and heads) can take long: progress is printed every
 few seconds, and --time_limit_s=S keeps the best found in S seconds, flagged as not proven best.
 """
+import math
 import os
 
 from absl import flags
@@ -28,7 +29,8 @@ flags.DEFINE_float("budget_ms", None, "Expected latency budget per image (ms), w
 flags.DEFINE_float("budget_macs", None, "Expected MACs budget per image, with --macs.")
 flags.DEFINE_float("max_drop_pp", None, "Largest mIoU drop from the final exit, in percentage points.")
 flags.DEFINE_enum("mode", "dynamic", ["dynamic", "budgeted"], "Deployment mode searched.")
-flags.DEFINE_integer("max_exits", 3, "Most early exits in a dynamic configuration.")
+flags.DEFINE_integer("max_exits", 3, "Most early exits in a dynamic configuration (0: the final exit alone).",
+                     lower_bound=0)
 flags.DEFINE_list("th_img", [f"{t:.2f}" for t in np.linspace(0.5, 0.95, 10)], "Image-confidence thresholds.")
 flags.DEFINE_list("exits", None, "Exit ids to consider (default: every exit in the cache).")
 flags.DEFINE_string("stat", "median", "Latency statistic of the table: median or p90.")
@@ -63,12 +65,15 @@ def load_costs(latency_path, macs_path, stat):
 
 def _objective_args(unit):
     if FLAGS.objective == "min_latency":
-        if FLAGS.max_drop_pp is None:
-            raise ValueError("--objective=min_latency needs --max_drop_pp")
+        if FLAGS.max_drop_pp is None or not FLAGS.max_drop_pp >= 0:
+            raise ValueError(f"--objective=min_latency needs --max_drop_pp of 0 or more, got {FLAGS.max_drop_pp}")
         return "min_cost", {"max_drop_pp": FLAGS.max_drop_pp}
     budget = FLAGS.budget_ms if unit == "ms" else FLAGS.budget_macs
+    flag = f"--budget_{unit.lower()}"
     if budget is None:
-        raise ValueError(f"--objective=max_miou with costs in {unit} needs --budget_{unit.lower()}")
+        raise ValueError(f"--objective=max_miou with costs in {unit} needs {flag}")
+    if not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"{flag} must be a number above 0, got {budget}")
     return "max_miou", {"budget": budget}
 
 

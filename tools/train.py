@@ -30,7 +30,8 @@ flags.DEFINE_enum("demo_preset", "quick", list(demo.PRESETS), "Demo dataset size
 flags.DEFINE_enum("backbone", "mobilenet_v2", backbones.BACKBONES, "Backbone.")
 flags.DEFINE_float("alpha", 1.0, "MobileNet width multiplier.")
 flags.DEFINE_integer("output_stride", None, "8, 16 or 32 (default: per dataset).")
-flags.DEFINE_string("backbone_weights", None, "keras.applications .h5 ImageNet weights file for the backbone.")
+flags.DEFINE_string("backbone_weights", None, "Backbone weights: 'imagenet' (EfficientNet-Lite0/1/2, from the pretrained "
+                    "extra) or a local .h5 weights file of the classifier.")
 flags.DEFINE_enum("final_head", "deeplabv3", heads.FINAL_KINDS, "Final head.")
 flags.DEFINE_integer("final_filters", 256, "ASPP/decoder channels of the final head.")
 flags.DEFINE_bool("separable", False, "Depthwise-separable convs in the final head (mobile DeepLab).")
@@ -155,7 +156,8 @@ def main(argv):
                                          multiple_of=stride)
     result = training.train(net_config, config, train_data, FLAGS.output_dir, val_data=val_data,
                             init_from=FLAGS.init_from, strategy=strategy(),
-                            progress=lambda record: print(format_progress(record), flush=True))
+                            progress=lambda record: print(format_progress(record), flush=True),
+                            class_names=dataset.info.class_names)
     miou = result.metrics["miou"] or {}
     print(f"done: {result.checkpoint}  ({len(result.network.exit_ids)} early exits, "
           f"{result.metrics['images_per_s']:.1f} img/s)")
