@@ -4,8 +4,9 @@ and one early exit of a demo run's MESS network, on its test split.
   * float: the Keras network;
   * PTQ int8: full-integer post-training quantisation (calibrated on the calibration split), one
     unstaged model with both exits' class maps;
-  * QAT int8: a copy fine-tuned with tensorflow-model-optimization's fake quantisation for
-    --qat_steps steps on the training crops, then converted the same way. tfmot cannot
+  * QAT int8: a copy with tensorflow-model-optimization's fake quantisation, its activation
+    ranges set on 20 training batches (qat.calibrate_ranges), fine-tuned for --qat_steps steps on
+    the training crops, then converted the same way. tfmot cannot
     fake-quantise dilated convolutions (an upstream limit), so those train in float and are
     quantised after training, as in PTQ; the README says how many there are.
 For reference, TF Model Garden's DeepLabV3 MobileNetV2 (PASCAL VOC, 512x512): fp32 75.30, PTQ int8
@@ -98,6 +99,7 @@ def main(argv):
     trainable = qat.quantize_aware(crop_net.subset_model([eid]), net.config.backbone.name)
     float_layers = sum(qat.is_dilated(layer) for layer in crop_net.model.layers)
     batches = iter(exp.train_batches())
+    qat.calibrate_ranges(trainable, batches)
     losses = qat.fine_tune(trainable, batches, FLAGS.qat_steps, FLAGS.qat_learning_rate)
     exp.progress(f"  QAT: {FLAGS.qat_steps} steps, loss {losses[0]:.3f} -> {np.mean(losses[-10:]):.3f}")
     deployed = qat.quantize_aware(model, net.config.backbone.name)

@@ -49,8 +49,13 @@ def quantize_aware(model, backbone_name=None):
     registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
     quantize = tfmot.quantization.keras
 
+    def quantisable(layer):
+        return registry.supports(layer) and not is_dilated(layer)
+
     def annotate(layer):
-        if registry.supports(layer) and not is_dilated(layer):
+        # A batch norm is annotated with the convolution it follows, so tfmot quantises after it; left
+        # out, tfmot fake-quantises the convolution's raw output instead, which ruins the network.
+        if quantisable(layer) or (isinstance(layer, layers.BatchNormalization) and quantisable(_source(layer))):
             return quantize.quantize_annotate_layer(layer)
         return layer
 
@@ -62,6 +67,48 @@ def quantize_aware(model, backbone_name=None):
     except Exception as e:  # tfmot raises assorted errors on graphs it cannot rewrite
         raise QatUnavailable(f"tensorflow-model-optimization could not wrap model {model.name!r}: "
                              f"{type(e).__name__}: {e}") from None
+
+
+def _source(layer):
+    """The layer whose output `layer` reads (its first input)."""
+    inbound = layer._inbound_nodes[0].inbound_layers  # noqa: SLF001 (keras keeps the graph only here)
+    return inbound[0] if isinstance(inbound, (list, tuple)) else inbound
+
+
+def calibrate_ranges(model, batches, steps=20, decay=0.5):
+    """Sets a QAT model's activation ranges from data before fine-tuning.
+
+    tfmot starts every activation range at [-6, 6] and widens it with a moving average of decay
+    0.999, so the linear outputs (projections, residual adds, logits) stay clipped for thousands
+    of steps. This runs `steps` batches in training mode with that decay set to `decay`; batch-norm
+    statistics are kept as they are (momentum 1 meanwhile).
+
+    Args:
+      model: a quantize_aware model. batches: iterator of (images [B, H, W, 3] RGB 0..255, labels).
+    """
+    from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
+
+    norms = [layer for layer in _inner_layers(model) if isinstance(layer, layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in norms]
+    original = quant_ops.MovingAvgQuantize
+
+    def fast(*args, **kwargs):
+        return original(*args, **{**kwargs, "ema_decay": decay})
+
+    quant_ops.MovingAvgQuantize = fast
+    try:
+        for layer in norms:
+            layer.momentum = 1.0
+        for _ in range(steps):
+            model(next(batches)[0], training=True)
+    finally:
+        quant_ops.MovingAvgQuantize = original
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+
+
+def _inner_layers(model):
+    return [getattr(layer, "layer", layer) for layer in model.layers]  # tfmot wraps layers in .layer
 
 
 def quantize_aware_or_float(model, backbone_name=None):

@@ -28,3 +28,25 @@ def test_mobilenet_v3_falls_back_to_float_with_the_reason():
     model = _small_model()
     same, reason = qat.quantize_aware_or_float(model, "mobilenet_v3_small")
     assert same is model and "MobileNetV3" in reason
+
+
+def test_activation_ranges_are_set_from_data_before_fine_tuning():
+    keras.utils.set_random_seed(0)
+    images = keras.Input((16, 16, 3), name="image")
+    x = layers.Conv2D(4, 3, padding="same", name="conv")(images)
+    x = layers.BatchNormalization(momentum=0.0, name="bn")(x)
+    logits = layers.Conv2D(3, 1, name="logits")(x)
+    model = keras.Model(images, logits)
+    data = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    model(data, training=True)  # batch-norm statistics of this data, as a trained network has
+    kernel, bias = model.get_layer("logits").get_weights()
+    model.get_layer("logits").set_weights([20 * kernel, bias])  # logits well beyond tfmot's initial +-6
+    expected = model(data).numpy()
+    quantised = qat.quantize_aware(model, "mobilenet_v2")
+    assert "quant_bn" in {layer.name for layer in quantised.layers}  # quantised after the batch norm
+    assert np.abs(quantised(data).numpy() - expected).max() > 10  # clipped at the initial range
+    qat.calibrate_ranges(quantised, iter([(data, None)] * 20))
+    error = np.abs(quantised(data).numpy() - expected).max()
+    assert error < 0.05 * np.ptp(expected)  # a few int8 steps of the calibrated range
+    np.testing.assert_allclose(quantised.get_layer("quant_bn").layer.moving_mean.numpy(),
+                               model.get_layer("bn").moving_mean.numpy())  # statistics kept
