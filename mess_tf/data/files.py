@@ -66,6 +66,19 @@ def load_label(path, info):
     return labels.astype(np.uint8)
 
 
+def image_size(path):
+    """(width, height) in pixels of an image file, from its header (the pixels are not decoded).
+
+    Raises:
+      ValueError naming a file that is not a readable image.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"image {path} is not a readable image: {e}") from None
+
+
 def load_prediction(path, num_classes, shape=None):
     """Reads a prediction PNG of class indices. Returns uint8 [H, W].
 
