@@ -23,6 +23,7 @@ from mess_tf.deployment import FINAL_EXIT, DeploymentConfig, ExitChoice
 NO_LOSS_SPEEDUP = 1.64
 NO_LOSS_MAC_REDUCTION = 2.5
 ORACLE_SAVINGS_SHARE = 0.8
+NO_LOSS_PP = 0.1  # pp below the bar that counts as no loss
 LATENCY_PREDICTION_RTOL = 0.10
 MIOU_PREDICTION_PP = 0.5
 # The network MESS converts must have learned its task, and finished learning it.
@@ -176,6 +177,8 @@ def goals(headline_rows, oracle_result, baseline_curve=()):
     bar, no_loss, same_cost = by_name["baseline_same_budget"], by_name["no_loss"], by_name["baseline_cost"]
     drop = bar["miou_test"] - no_loss["miou_test"]
     savings = (1 - 1 / no_loss["speedup"]) / max(1 - 1 / oracle_result["speedup"], 1e-9)
+    # The oracle saves at no loss; savings bought with mIoU the oracle keeps are no match for it.
+    below_oracle = 100 * oracle_result["miou"] - no_loss["miou_test"]
     latency_error = max(abs(r["latency_ms_predicted"] / r["latency_ms"] - 1) for r in headline_rows)
     miou_error = max(abs(r["miou_predicted"] - r["miou_test"]) for r in headline_rows)
     return [
@@ -191,7 +194,8 @@ def goals(headline_rows, oracle_result, baseline_curve=()):
         {"goal": "no_loss: fewer MACs", "target": f">= {NO_LOSS_MAC_REDUCTION}x",
          "measured": f"{no_loss['mac_reduction']:.2f}x", "met": no_loss["mac_reduction"] >= NO_LOSS_MAC_REDUCTION},
         {"goal": "no_loss: latency saved, as a share of the oracle's", "target": f">= {ORACLE_SAVINGS_SHARE:.0%}",
-         "measured": f"{savings:.0%}", "met": savings >= ORACLE_SAVINGS_SHARE},
+         "measured": f"{savings:.0%}, at {below_oracle:.2f} pp below the oracle's mIoU",
+         "met": savings >= ORACLE_SAVINGS_SHARE and below_oracle <= NO_LOSS_PP},
         {"goal": "predicted (calibration) vs measured (test) latency, every deployment",
          "target": f"within {LATENCY_PREDICTION_RTOL:.0%}", "measured": f"worst {latency_error:.1%}",
          "met": latency_error <= LATENCY_PREDICTION_RTOL},
