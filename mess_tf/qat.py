@@ -9,6 +9,7 @@ Where QAT cannot run, `quantize_aware_or_float` returns the float model and says
 """
 import logging
 
+import numpy as np
 import tensorflow as tf
 
 from mess_tf import losses
@@ -55,7 +56,7 @@ def quantize_aware(model, backbone_name=None):
     def annotate(layer):
         # A batch norm is annotated with the convolution it follows, so tfmot quantises after it; left
         # out, tfmot fake-quantises the convolution's raw output instead, which ruins the network.
-        if quantisable(layer) or (isinstance(layer, layers.BatchNormalization) and quantisable(_source(layer))):
+        if quantisable(layer) or (isinstance(layer, layers.BatchNormalization) and quantisable(_inputs_of(layer)[0])):
             return quantize.quantize_annotate_layer(layer)
         return layer
 
@@ -63,16 +64,47 @@ def quantize_aware(model, backbone_name=None):
         annotated = keras.models.clone_model(model, clone_function=annotate)
         annotated.set_weights(model.get_weights())
         with quantize.quantize_scope():
-            return quantize.quantize_apply(annotated)
+            quantised = quantize.quantize_apply(annotated)
     except Exception as e:  # tfmot raises assorted errors on graphs it cannot rewrite
         raise QatUnavailable(f"tensorflow-model-optimization could not wrap model {model.name!r}: "
                              f"{type(e).__name__}: {e}") from None
+    for layer in model.layers:
+        if isinstance(layer, layers.Concatenate):
+            _restore_concat_order(model, quantised, layer)
+    return quantised
 
 
-def _source(layer):
-    """The layer whose output `layer` reads (its first input)."""
-    inbound = layer._inbound_nodes[0].inbound_layers  # noqa: SLF001 (keras keeps the graph only here)
-    return inbound[0] if isinstance(inbound, (list, tuple)) else inbound
+def _unwrapped_name(layer):
+    return layer.name[len("quant_"):] if layer.name.startswith("quant_") else layer.name
+
+
+def _inputs_of(layer):
+    inbound = layer._inbound_nodes[-1].inbound_layers  # noqa: SLF001 (keras keeps the graph only here)
+    return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
+
+
+def _restore_concat_order(model, quantised, concat):
+    """tfmot's rewrite can reorder a concatenation's inputs (ASPP's image-pooling branch moves to the
+    front), which scrambles the channels its consumers read. Where every consumer is a convolution,
+    their kernels' input channels are permuted back; anything else is refused.
+    """
+    original = [layer.name for layer in _inputs_of(concat)]
+    rewritten = next(layer for layer in quantised.layers if _unwrapped_name(layer) == concat.name)
+    order = [_unwrapped_name(layer) for layer in _inputs_of(rewritten)]
+    if order == original:
+        return
+    widths = {layer.name: layer.output.shape[-1] for layer in _inputs_of(concat)}
+    starts = dict(zip(original, np.cumsum([0] + [widths[n] for n in original])))
+    channels = np.concatenate([np.arange(starts[n], starts[n] + widths[n]) for n in order])
+    consumers = [layer for layer in quantised.layers if rewritten in _inputs_of(layer)]
+    convs = [getattr(layer, "layer", layer) for layer in consumers]
+    if not convs or not all(isinstance(c, layers.Conv2D) and not isinstance(c, layers.DepthwiseConv2D)
+                            for c in convs):
+        raise QatUnavailable(f"tensorflow-model-optimization reordered the inputs of {concat.name!r} "
+                             f"({original} -> {order}) and its consumers are not convolutions to re-wire")
+    for consumer in consumers:  # a wrapper holds the kernel variable; its .layer.kernel is a graph tensor
+        kernel = next(w for w in consumer.weights if w.name.split("/")[-1].startswith("kernel"))
+        kernel.assign(tf.gather(kernel, channels, axis=2))
 
 
 def calibrate_ranges(model, batches, steps=20, decay=0.5):

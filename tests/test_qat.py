@@ -50,3 +50,27 @@ def test_activation_ranges_are_set_from_data_before_fine_tuning():
     assert error < 0.05 * np.ptp(expected)  # a few int8 steps of the calibrated range
     np.testing.assert_allclose(quantised.get_layer("quant_bn").layer.moving_mean.numpy(),
                                model.get_layer("bn").moving_mean.numpy())  # statistics kept
+
+
+def test_a_concatenation_tfmot_reorders_is_rewired_to_its_float_channels():
+    keras.utils.set_random_seed(1)
+    images = keras.Input((16, 16, 3), name="image")
+    x = layers.Rescaling(1 / 128, -1, name="preprocess")(images)
+    branches = []
+    for i in range(2):
+        y = layers.Conv2D(4, 1, name=f"b{i}_conv")(x)
+        y = layers.BatchNormalization(momentum=0.0, name=f"b{i}_bn")(y)
+        branches.append(layers.ReLU(name=f"b{i}_relu")(y))
+    pooled = layers.GlobalAveragePooling2D(keepdims=True, name="pool_gap")(x)
+    pooled = layers.Conv2D(4, 1, activation="relu", name="pool_conv")(pooled)
+    branches.append(layers.UpSampling2D((16, 16), name="pool_broadcast")(pooled))  # as ASPP's image pooling
+    concat = layers.Concatenate(name="concat")(branches)
+    model = keras.Model(images, layers.Conv2D(3, 1, name="project")(concat))
+    data = np.random.default_rng(1).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    model(data, training=True)
+    quantised = qat.quantize_aware(model, "mobilenet_v2")
+    order = [qat._unwrapped_name(layer) for layer in qat._inputs_of(quantised.get_layer("quant_concat"))]
+    assert order != ["b0_relu", "b1_relu", "pool_broadcast"]  # tfmot's rewrite moves the pooled branch
+    qat.calibrate_ranges(quantised, iter([(data, None)] * 20))
+    expected = model(data).numpy()
+    assert np.abs(quantised(data).numpy() - expected).max() < 0.05 * np.ptp(expected)  # channels rewired
