@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
-from mess_tf import checkpoints, experiment, export, io_utils, metrics, network, qat, report, runtime  # noqa: E402
+from mess_tf import checkpoints, experiment, export, io_utils, metrics, network, qat, report, runtime, training  # noqa: E402
 from mess_tf.deployment import FINAL_EXIT, DeploymentConfig  # noqa: E402
 from tools import cli  # noqa: E402
 
@@ -67,13 +67,8 @@ def tflite_miou(model_bytes, images, labels, num_classes):
 
 
 def keras_miou(model, eid, images, labels, num_classes):
-    matrices = {name: metrics.ConfusionMatrix(num_classes) for name in OUTPUTS}
-    for start in range(0, len(images), 8):
-        outputs = model(images[start:start + 8], training=False)
-        for name, key in zip(OUTPUTS, (eid, FINAL_EXIT)):
-            for pred, label in zip(np.argmax(outputs[key].numpy(), -1), labels[start:start + 8]):
-                matrices[name].update(pred, label)
-    return {name: 100 * m.miou() for name, m in matrices.items()}
+    miou = training.evaluate(model, tf.data.Dataset.from_tensor_slices((images, labels)).batch(8), num_classes)
+    return {name: 100 * miou[key] for name, key in zip(OUTPUTS, (eid, FINAL_EXIT))}
 
 
 def main(argv):

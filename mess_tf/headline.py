@@ -15,7 +15,7 @@ table, the configurations, the evaluation on the test split); nothing is re-meas
 """
 import numpy as np
 
-from mess_tf import cost_model, report, search
+from mess_tf import cost_model, metrics, report, search
 from mess_tf.deployment import FINAL_EXIT, DeploymentConfig, ExitChoice
 
 # The headline's targets (issue #16): no-loss speed-up of the paper's MobileNetV2 result and fewer
@@ -42,12 +42,6 @@ def _budgeted(exit_id):
     return DeploymentConfig("budgeted", [ExitChoice(position, head)])
 
 
-def _miou(tp, fp, fn):
-    """mIoU over the classes present ([C] summed counts)."""
-    union = tp + fp + fn
-    return float(np.mean(tp[union > 0] / union[union > 0]))
-
-
 def ceilings(cache, costs):
     """Speed-up if every image left at each exit position, from the latency table, and the mIoU
     the cache gives that.
@@ -58,8 +52,8 @@ def ceilings(cache, costs):
       truncated network + head + confidence + class map, speedup the final exit's ms over it.
     """
     final = costs.worst(_budgeted(FINAL_EXIT))
-    index = {e: i for i, e in enumerate(cache.all_exit_ids)}
-    miou = {e: 100 * _miou(*(a[:, index[e]].sum(0) for a in (cache.tp, cache.fp, cache.fn))) for e in cache.exit_ids}
+    counts = (a.sum(0) for a in (cache.tp, cache.fp, cache.fn))  # [E + 1, C] each: every image at each exit
+    miou = dict(zip(cache.all_exit_ids, 100 * metrics.miou_from_counts(*counts)))
     best, accurate = {}, {}
     for eid in cache.exit_ids:
         position, ms = eid.rsplit(":", 1)[0], costs.worst(_budgeted(eid))
@@ -79,15 +73,11 @@ def noise_floor(bar_cache, mess_cache, draws=1000, seed=0):
       {"images", "bar_sd_pp" (s.d. of the bar's mIoU, pp), "difference_sd_pp" (of bar minus the
       MESS network's final exit), "difference_ci95_pp" ([2.5%, 97.5%] of that difference)}.
     """
-    rng = np.random.default_rng(seed)
     n = bar_cache.num_images
-    counts = [np.stack([a[:, -1] for a in (c.tp, c.fp, c.fn)]) for c in (bar_cache, mess_cache)]  # [3, N, C]
-    bar, diff = [], []
-    for _ in range(draws):
-        pick = rng.integers(0, n, n)
-        a, b = (100 * _miou(*c[:, pick].sum(1)) for c in counts)
-        bar.append(a)
-        diff.append(a - b)
+    picks = np.random.default_rng(seed).integers(0, n, (draws, n))  # [D, N] image indices per resample
+    bar, mess = (100 * metrics.miou_from_counts(*(a[picks, -1].sum(1) for a in (c.tp, c.fp, c.fn)))  # [D]
+                 for c in (bar_cache, mess_cache))
+    diff = bar - mess
     return {"images": int(n), "bar_sd_pp": float(np.std(bar)), "difference_sd_pp": float(np.std(diff)),
             "difference_ci95_pp": [float(q) for q in np.percentile(diff, [2.5, 97.5])]}
 
@@ -106,7 +96,7 @@ def oracle(cache, costs):
     choice = np.where(eligible, ms[None], np.inf).argmin(1)
     rows = np.arange(cache.num_images)
     fractions = np.bincount(choice, minlength=len(ids)) / cache.num_images
-    return {"miou": _miou(*(a[rows, choice].sum(0) for a in (cache.tp, cache.fp, cache.fn))),
+    return {"miou": metrics.miou_from_counts(*(a[rows, choice].sum(0) for a in (cache.tp, cache.fp, cache.fn))),
             "ms": float(ms[choice].mean()),
             "speedup": float(ms[-1] / ms[choice].mean()),
             "exit_fractions": {e: float(f) for e, f in zip(ids, fractions) if f}}

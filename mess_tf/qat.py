@@ -70,7 +70,7 @@ def quantize_aware(model, backbone_name=None):
                              f"{type(e).__name__}: {e}") from None
     for layer in model.layers:
         if isinstance(layer, layers.Concatenate):
-            _restore_concat_order(model, quantised, layer)
+            _restore_concat_order(quantised, layer)
     return quantised
 
 
@@ -83,7 +83,7 @@ def _inputs_of(layer):
     return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
 
 
-def _restore_concat_order(model, quantised, concat):
+def _restore_concat_order(quantised, concat):
     """tfmot's rewrite can reorder a concatenation's inputs (ASPP's image-pooling branch moves to the
     front), which scrambles the channels its consumers read. Where every consumer is a convolution,
     their kernels' input channels are permuted back; anything else is refused.
@@ -97,7 +97,7 @@ def _restore_concat_order(model, quantised, concat):
     starts = dict(zip(original, np.cumsum([0] + [widths[n] for n in original])))
     channels = np.concatenate([np.arange(starts[n], starts[n] + widths[n]) for n in order])
     consumers = [layer for layer in quantised.layers if rewritten in _inputs_of(layer)]
-    convs = [getattr(layer, "layer", layer) for layer in consumers]
+    convs = [_unwrapped(layer) for layer in consumers]
     if not convs or not all(isinstance(c, layers.Conv2D) and not isinstance(c, layers.DepthwiseConv2D)
                             for c in convs):
         raise QatUnavailable(f"tensorflow-model-optimization reordered the inputs of {concat.name!r} "
@@ -120,7 +120,7 @@ def calibrate_ranges(model, batches, steps=20, decay=0.5):
     """
     from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
 
-    norms = [layer for layer in _inner_layers(model) if isinstance(layer, layers.BatchNormalization)]
+    norms = [_unwrapped(layer) for layer in model.layers if isinstance(_unwrapped(layer), layers.BatchNormalization)]
     momenta = [layer.momentum for layer in norms]
     original = quant_ops.MovingAvgQuantize
 
@@ -139,8 +139,8 @@ def calibrate_ranges(model, batches, steps=20, decay=0.5):
             layer.momentum = momentum
 
 
-def _inner_layers(model):
-    return [getattr(layer, "layer", layer) for layer in model.layers]  # tfmot wraps layers in .layer
+def _unwrapped(layer):
+    return getattr(layer, "layer", layer)  # tfmot's wrappers hold the layer they quantise in .layer
 
 
 def quantize_aware_or_float(model, backbone_name=None):

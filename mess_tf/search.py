@@ -704,7 +704,7 @@ def search(cache, costs, th_img_grid, objective, budget=None, max_drop_pp=None, 
         # the incumbent of the next, so a stopped search is never worse than the deepest level it
         # finished, and every level after the first starts with a good bar to prune against.
         evaluated = 1
-        for exits in range(1 if deadline is not None else max_exits, max_exits + 1) if max_exits else ():
+        for exits in range(1 if deadline is not None else max(max_exits, 1), max_exits + 1):
             more, stopped = _run_dynamic(problem, goal, exits, workers, deadline, progress)
             evaluated += more
             if stopped:

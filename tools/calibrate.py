@@ -50,20 +50,20 @@ def main(argv):
     start = time.time()
     common = dict(dataset=FLAGS.dataset, split=FLAGS.split, partial_path=FLAGS.output + ".partial.npz",
                   checkpoint_every=FLAGS.checkpoint_every)
-    checkpoint = checkpoints.resolve_checkpoint(FLAGS.checkpoint)
+    checkpoint, names = checkpoints.resolve_checkpoint(FLAGS.checkpoint), [s.name for s in samples]
+    batches = pipeline.eval_batches(samples, dataset.info, net.backbone.input_size, FLAGS.batch_size)
     if FLAGS.precision == "int8":
-        images = [pipeline.load_image(s.image_path).astype(np.float32)
-                  for s in samples[:FLAGS.quantization_images]]
+        # The images the parts are quantised on, fitted to the input size as the batches are.
+        images, _ = next(pipeline.eval_batches(samples[:FLAGS.quantization_images], dataset.info,
+                                               net.backbone.input_size, FLAGS.quantization_images))
         positions = export.segment_positions(net, net.exit_ids)
         print(f"converting the parts to int8 (quantised on {len(images)} images) ...", flush=True)
-        parts = export.convert_parts(net, "int8", images, policy_config=config, positions=positions, th_pix_grid=grid)
-        cache = calibration.calibrate_parts(net, parts, checkpoint, pipeline.eval_batches(
-            samples, dataset.info, net.backbone.input_size, FLAGS.batch_size), [s.name for s in samples], grid, config,
-            positions=positions, **common)
+        parts = export.convert_parts(net, "int8", list(images), policy_config=config, positions=positions,
+                                     th_pix_grid=grid)
+        cache = calibration.calibrate_parts(net, parts, checkpoint, batches, names, grid, config, positions=positions,
+                                            **common)
     else:
-        cache = calibration.calibrate_network(
-            net, checkpoint, pipeline.eval_batches(samples, dataset.info, net.backbone.input_size, FLAGS.batch_size),
-            [s.name for s in samples], grid, config, **common)
+        cache = calibration.calibrate_network(net, checkpoint, batches, names, grid, config, **common)
     cache.save(FLAGS.output)
     print(f"wrote {FLAGS.output}: {cache.num_images} images x {len(cache.exit_ids)} exits, "
           f"{len(grid)} pixel thresholds, in {time.time() - start:.0f} s")
