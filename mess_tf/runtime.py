@@ -14,12 +14,15 @@ image leaves there (or when anytime mode shows it). Modes:
     result.class_map, result.exit_index, result.stage_ms, result.total_ms
 """
 import dataclasses
+import math
 import os
 import time
 
 import numpy as np
+from PIL import Image
 
 from mess_tf import export, io_utils
+from mess_tf.data import dataset, files, pipeline
 from mess_tf.deployment import MODES
 
 
@@ -190,6 +193,21 @@ class StagedModel:
             latest = result
         return latest
 
+    def segment(self, image, **run_args):
+        """Segments an image of any size: letterboxed into the input size (aspect ratio kept,
+        padded), run as `run(image, **run_args)`, and its class map returned at the image's size.
+
+        Args:
+          image: uint8 [h, w, 3] RGB.
+
+        Returns:
+          ExitResult whose class_map is uint8 [h, w].
+        """
+        boxed, inner = letterbox(image, self.input_size)
+        result = self.run(boxed, **run_args)
+        result.class_map = unletterbox(result.class_map, inner, self.input_size, image.shape[:2])
+        return result
+
     def _thresholds(self, th_img):
         """th_img per stage (None for the final stage), from the argument or the metadata."""
         exported = [s.th_img for s in self.stages]
@@ -223,23 +241,67 @@ def dequantise(x, detail):
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
 
-def read_images(folder, input_size):
-    """Reads the images of a folder (sorted by name), RGB, resized to `input_size` (H, W).
+def image_files(folder):
+    """The image files under `folder`, recursively, sorted by name.
 
     Returns:
-      list of (file name, float32 [H, W, 3] array, RGB 0..255).
+      list of (name, path); the name is the path relative to `folder` without its extension
+      ("frankfurt/frankfurt_000000_000294_leftImg8bit").
     """
-    from PIL import Image
-
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder not found: {folder}")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
-    if not names:
+    found = dataset.files_by_stem(folder, IMAGE_EXTENSIONS)
+    if not found:
         raise ValueError(f"image folder {folder} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
+    return sorted(found.items())
+
+
+def read_images(folder, input_size):
+    """Reads the images under a folder (see image_files), RGB, resized to `input_size` (H, W)
+    without keeping their aspect ratio (calibration data; use letterbox to segment).
+
+    Returns:
+      list of (name, float32 [H, W, 3] array, RGB 0..255).
+    """
     height, width = input_size
-    images = []
-    for name in names:
-        with Image.open(os.path.join(folder, name)) as image:
-            image = image.convert("RGB").resize((width, height), Image.BILINEAR)
-            images.append((name, np.asarray(image, np.float32)))
-    return images
+    return [(name, np.asarray(Image.fromarray(files.load_image(path)).resize((width, height), Image.BILINEAR),
+                              np.float32)) for name, path in image_files(folder)]
+
+
+def letterbox(image, size):
+    """Fits an image of any size into `size` with its aspect ratio kept.
+
+    The image is scaled by min(H / h, W / w) (bilinear), placed at the top left, and the rest is
+    padded with the training pipeline's mid-grey (whose pixels training labels as ignored).
+
+    Args:
+      image: uint8 [h, w, 3] RGB.
+      size: (H, W) in pixels, the model's input size.
+
+    Returns:
+      (float32 [H, W, 3] RGB 0..255, (h', w'): the scaled image's size inside it, in pixels).
+    """
+    (h, w), (height, width) = image.shape[:2], size
+    scale = min(height / h, width / w)
+    inner = (min(height, max(1, round(h * scale))), min(width, max(1, round(w * scale))))
+    boxed = np.full((height, width, 3), pipeline.IMAGE_PAD_VALUE, np.float32)
+    boxed[:inner[0], :inner[1]] = np.asarray(Image.fromarray(image).resize((inner[1], inner[0]), Image.BILINEAR))
+    return boxed, inner
+
+
+def unletterbox(class_map, inner, size, original_size):
+    """The class map of a letterboxed image, cropped to the image and resized to its original size.
+
+    Args:
+      class_map: uint8 [H / s, W / s]: the model's class map, at its input size or at
+        1 / class_map_stride of it.
+      inner: (h', w') from letterbox.
+      size: (H, W), the model's input size.
+      original_size: (h, w) of the image, in pixels.
+
+    Returns:
+      uint8 [h, w] class indices (nearest neighbour: no class is invented at a boundary).
+    """
+    rows, cols = (math.ceil(n * m / s) for n, m, s in zip(inner, class_map.shape, size))
+    crop = np.ascontiguousarray(class_map[:rows, :cols])
+    return np.asarray(Image.fromarray(crop).resize((original_size[1], original_size[0]), Image.NEAREST))

@@ -78,9 +78,10 @@ def test_voc_palette_pngs_decode_to_indices_with_border_ignored(tmp_path):
     np.testing.assert_array_equal(files.load_label(val.label_path, dataset.info), label)
     [aug] = registry.get_dataset("voc", str(tmp_path), calibration_source="val").samples("train_aug")
     np.testing.assert_array_equal(files.load_label(aug.label_path, dataset.info), np.full((2, 4), 7))
-    calibration = dataset.samples("calibration")
-    assert len(calibration) == 1
-    assert not {s.name for s in calibration} & {s.name for s in dataset.samples("train") + dataset.samples("train_aug")}
+    [calibration] = dataset.samples("calibration")
+    assert calibration.name == "2008_000001" and calibration.name not in {s.name for s in dataset.samples("train")}
+    with pytest.raises(ValueError, match="split 'train_aug' has no samples left once the calibration split is carved"):
+        dataset.samples("train_aug")  # its one sample went to calibration
 
 
 def test_ade20k_zero_is_ignored_and_classes_shift_down(tmp_path):
@@ -126,6 +127,26 @@ def test_missing_folders_name_the_path(tmp_path):
         registry.get_dataset("cityscapes", str(tmp_path)).samples("train")
     with pytest.raises(FileNotFoundError, match="ImageSets/Segmentation"):
         registry.get_dataset("voc", str(tmp_path))
+
+
+def test_an_empty_split_names_the_split_and_its_folders(tmp_path):
+    root = _folder_tree(str(tmp_path), splits=("train", "val"))
+    os.makedirs(tmp_path / "images" / "test")
+    os.makedirs(tmp_path / "labels" / "test")
+    dataset = registry.get_dataset("folder", root)
+    with pytest.raises(ValueError, match=rf"folder: split 'test' has no samples \({tmp_path}/images/test / "
+                                         rf"{tmp_path}/labels/test\)"):
+        dataset.samples("test")
+    for name in os.listdir(tmp_path / "images" / "train"):  # the calibration split is carved off train
+        os.remove(tmp_path / "images" / "train" / name)
+        os.remove(tmp_path / "labels" / "train" / name)
+    with pytest.raises(ValueError, match=rf"split 'calibration' has no samples \({tmp_path}/images/train "):
+        registry.get_dataset("folder", root).samples("calibration")
+    voc_root = tmp_path / "voc"
+    os.makedirs(voc_root / "ImageSets" / "Segmentation")
+    (voc_root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n")
+    with pytest.raises(ValueError, match=r"voc: split 'val' has no samples \(.*val.txt \(JPEGImages / Segm"):
+        registry.get_dataset("voc", str(voc_root)).samples("val")
 
 
 def test_unpaired_files_raise_or_are_counted_with_skip_bad(tmp_path):

@@ -1,23 +1,37 @@
-"""Segments a folder of images with a staged .tflite model and prints the exit each one took.
+"""Segments images with a staged .tflite model and prints the exit each one took.
 
-  python -m tools.segment --model=model.tflite --images=DIR --mode=dynamic --output=OUT_DIR
+  python -m tools.segment --model=model.tflite --dataset=cityscapes --data_dir=/data/cityscapes --split=val \
+      --output=OUT_DIR
+  python -m tools.segment --model=model.tflite --images=DIR --output=OUT_DIR
 
-Writes OUT_DIR/<image>.png: a palette PNG, like PASCAL VOC labels: its pixel values are the class
-indices and viewers show them in the VOC colours.
+With --dataset/--data_dir/--split it reads the same samples as tools.evaluate and writes
+OUT_DIR/<sample name>.png, so `tools.evaluate --predictions=OUT_DIR` scores them. With --images it
+reads every image under DIR, recursively, and writes OUT_DIR/<relative path>.png.
+
+Each image is letterboxed into the model's input size: scaled with its aspect ratio kept and padded
+bottom/right with mid-grey. Its class map is cropped back and resized (nearest neighbour) to the
+image's own size. The PNGs are palette PNGs, like PASCAL VOC labels: pixel values are class indices
+and viewers show them in the VOC colours.
 """
 import io
 import os
+import sys
 
 import numpy as np
 from absl import flags
 from PIL import Image
 
 from mess_tf import deployment, io_utils, runtime
+from mess_tf.data import files, registry
 from tools import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Staged .tflite (with MODEL.tflite.json beside it).", required=True)
-flags.DEFINE_string("images", None, "Folder of input images.", required=True)
+flags.DEFINE_string("images", None, "Folder of input images, read recursively (instead of --data_dir).")
+flags.DEFINE_enum("dataset", "folder", registry.DATASETS, "Dataset reader, with --data_dir.")
+flags.DEFINE_string("data_dir", None, "Dataset root: segment the images of --split (instead of --images).")
+flags.DEFINE_string("split", "val", "Split to segment, with --data_dir.")
+flags.DEFINE_bool("skip_bad", False, "Skip (and name) unreadable image files instead of stopping at the first.")
 flags.DEFINE_enum("mode", None, deployment.MODES, "Run mode (default: the mode the model was exported for).")
 flags.DEFINE_float("deadline_ms", None, "anytime: return the latest map finished within this many ms.")
 flags.DEFINE_list("th_img", None, "dynamic: image thresholds of the early exits (default: the exported ones).")
@@ -48,21 +62,42 @@ def png_bytes(class_map):
     return buffer.getvalue()
 
 
+def images_to_segment(num_classes):
+    """[(output name, image path)] from --images or --data_dir/--dataset/--split."""
+    if FLAGS.images is not None:
+        return runtime.image_files(FLAGS.images)
+    dataset = registry.get_dataset(FLAGS.dataset, FLAGS.data_dir)
+    if dataset.info.num_classes != num_classes:
+        raise ValueError(f"--model {FLAGS.model} predicts {num_classes} classes; dataset {FLAGS.dataset} at "
+                         f"{FLAGS.data_dir} has {dataset.info.num_classes}")
+    return [(s.name, s.image_path) for s in dataset.samples(FLAGS.split)]
+
+
 def main(argv):
     del argv
+    if (FLAGS.images is None) == (FLAGS.data_dir is None):
+        raise ValueError("give either --images=DIR or --data_dir (with --dataset and --split)")
     model = runtime.StagedModel.load(FLAGS.model, FLAGS.num_threads)
     th_img = [float(t) for t in FLAGS.th_img] if FLAGS.th_img else None
-    os.makedirs(FLAGS.output, exist_ok=True)
-    taken = []
-    for name, image in runtime.read_images(FLAGS.images, model.input_size):
-        result = model.run(image, FLAGS.mode, th_img=th_img, deadline_ms=FLAGS.deadline_ms)
-        stem = os.path.splitext(name)[0]
-        io_utils.write_bytes(os.path.join(FLAGS.output, stem + ".png"), png_bytes(result.class_map))
+    taken, skipped = [], []
+    for name, path in images_to_segment(len(model.metadata["classes"])):
+        try:
+            image = files.load_image(path)
+        except ValueError as e:
+            if not FLAGS.skip_bad:
+                raise ValueError(f"{e} (pass --skip_bad to skip it)") from None
+            print(f"skipped: {e}", file=sys.stderr)
+            skipped.append(path)
+            continue
+        result = model.segment(image, mode=FLAGS.mode, th_img=th_img, deadline_ms=FLAGS.deadline_ms)
+        io_utils.write_bytes(os.path.join(FLAGS.output, name + ".png"), png_bytes(result.class_map))
         confidences = " ".join(f"{c:.3f}" for c in result.confidences)
         print(f"{name}: exit {result.exit_index} ({result.exit_id}), {result.total_ms:.2f} ms, "
               f"confidences [{confidences}]")
         taken.append(result.exit_index)
     counts = np.bincount(taken, minlength=len(model.exit_ids))
+    print(f"{len(taken)} images segmented at {model.input_size[0]}x{model.input_size[1]} (letterboxed), class maps "
+          f"at each image's size in {FLAGS.output}" + (f"; {len(skipped)} unreadable skipped" if skipped else ""))
     print("exits taken: " + ", ".join(f"{eid}: {n}" for eid, n in zip(model.exit_ids, counts)))
 
 

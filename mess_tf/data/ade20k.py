@@ -48,8 +48,14 @@ class ADE20KDataset(dataset.Dataset):
     def own_splits(self):
         return tuple(SPLIT_FOLDERS)
 
+    def _folders(self, split):
+        return (os.path.join(self.root, "images", SPLIT_FOLDERS[split]),
+                os.path.join(self.root, "annotations", SPLIT_FOLDERS[split]))
+
+    def location(self, split):
+        return " / ".join(self._folders(split))
+
     def _list(self, split):
-        image_dir = os.path.join(self.root, "images", SPLIT_FOLDERS[split])
-        label_dir = os.path.join(self.root, "annotations", SPLIT_FOLDERS[split])
+        image_dir, label_dir = self._folders(split)
         return self._pair(dataset.files_by_stem(image_dir, (".jpg", ".jpeg", ".png")),
-                          dataset.files_by_stem(label_dir, (".png",)), f"{image_dir} / {label_dir}")
+                          dataset.files_by_stem(label_dir, (".png",)), self.location(split))

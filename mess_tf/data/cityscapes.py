@@ -53,14 +53,19 @@ class CityscapesDataset(dataset.Dataset):
     def own_splits(self):
         return SPLITS
 
+    def _folders(self, split):
+        return os.path.join(self.root, "leftImg8bit", split), os.path.join(self.root, "gtFine", split)
+
+    def location(self, split):
+        return " / ".join(self._folders(split))
+
     def _list(self, split):
-        image_dir = os.path.join(self.root, "leftImg8bit", split)
-        label_dir = os.path.join(self.root, "gtFine", split)
+        image_dir, label_dir = self._folders(split)
         images = dataset.files_by_stem(image_dir, (".png",), IMAGE_SUFFIX)
         labels = dataset.files_by_stem(label_dir, (".png",), LABEL_IDS[:-4])
         labels.update(dataset.files_by_stem(label_dir, (".png",), LABEL_TRAIN_IDS[:-4]))
         return self._pair({_basename(n): p for n, p in images.items()},
-                          {_basename(n): p for n, p in labels.items()}, f"{image_dir} / {label_dir}")
+                          {_basename(n): p for n, p in labels.items()}, self.location(split))
 
 
 def _basename(name):

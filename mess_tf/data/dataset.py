@@ -49,15 +49,33 @@ class Dataset:
         """The samples of one of `own_splits()`, sorted by name."""
         raise NotImplementedError
 
+    def location(self, split):
+        """Where the files of one of `own_splits()` are, for messages ("IMAGE_DIR / LABEL_DIR")."""
+        raise NotImplementedError
+
     @property
     def splits(self):
         own = self.own_splits()
         return own if CALIBRATION in own else own + (CALIBRATION,)
 
     def samples(self, split):
-        """The samples of `split` (one of `splits`), sorted by name. Returns list of Sample."""
+        """The samples of `split` (one of `splits`), sorted by name. Returns list of Sample.
+
+        Raises:
+          ValueError for an unknown split, or one without samples (naming its folders).
+        """
         if split not in self.splits:
             raise ValueError(f"{self.info.name}: unknown split {split!r}; valid splits: {', '.join(self.splits)}")
+        samples = self._samples(split)
+        if not samples:
+            source = split if split in self.own_splits() else self.calibration_source
+            carved = split != CALIBRATION and bool(self._list(split))  # every sample went to calibration
+            raise ValueError(f"{self.info.name}: split {split!r} has no samples"
+                             f"{' left once the calibration split is carved off' if carved else ''} "
+                             f"({self.location(source)})")
+        return samples
+
+    def _samples(self, split):
         touched = (CALIBRATION, self.calibration_source) + self.training_splits
         if CALIBRATION in self.own_splits() or split not in touched:
             return self._list(split)
@@ -72,9 +90,6 @@ class Dataset:
     def _carved(self):
         """Names of the calibration samples: the ceil(fraction * n) source names of smallest hash."""
         names = [s.name for s in self._list(self.calibration_source)]
-        if not names:
-            raise ValueError(f"{self.info.name}: split {self.calibration_source!r} is empty; nothing to carve a "
-                             f"calibration split from")
         ranked = sorted(names, key=lambda n: hashlib.sha1(n.encode()).hexdigest())
         return set(ranked[:max(1, math.ceil(self.calibration_fraction * len(names)))])
 

@@ -22,8 +22,6 @@ def evaluate_predictions(dataset, split, predictions_dir):
     if not os.path.isdir(predictions_dir):
         raise FileNotFoundError(f"predictions folder not found: {predictions_dir}")
     samples = dataset.samples(split)
-    if not samples:
-        raise ValueError(f"split {split!r} of {dataset.root} has no samples")
     matrix = metrics.ConfusionMatrix(dataset.info.num_classes, dataset.info.ignore_label)
     for sample in samples:
         label = files.load_label(sample.label_path, dataset.info)

@@ -66,8 +66,13 @@ class FolderDataset(dataset.Dataset):
     def own_splits(self):
         return self._splits
 
+    def _folders(self, split):
+        return os.path.join(self.root, "images", split), os.path.join(self.root, "labels", split)
+
+    def location(self, split):
+        return " / ".join(self._folders(split))
+
     def _list(self, split):
-        image_dir = os.path.join(self.root, "images", split)
-        label_dir = os.path.join(self.root, "labels", split)
+        image_dir, label_dir = self._folders(split)
         return self._pair(dataset.files_by_stem(image_dir, IMAGE_EXTENSIONS),
-                          dataset.files_by_stem(label_dir, (".png",)), f"{image_dir} / {label_dir}")
+                          dataset.files_by_stem(label_dir, (".png",)), self.location(split))

@@ -36,11 +36,17 @@ class VOCDataset(dataset.Dataset):
     def own_splits(self):
         return tuple(sorted(f[:-4] for f in os.listdir(self.list_dir) if f.endswith(".txt")))
 
+    def _label_dir(self, split):
+        return os.path.join(self.root, "SegmentationClassAug" if split == AUGMENTED_SPLIT else "SegmentationClass")
+
+    def location(self, split):
+        return f"{os.path.join(self.list_dir, split + '.txt')} (JPEGImages / {os.path.basename(self._label_dir(split))})"
+
     def _list(self, split):
         list_path = os.path.join(self.list_dir, split + ".txt")
         with open(list_path) as f:
             ids = [line.split()[0] for line in f if line.strip()]
-        label_dir = os.path.join(self.root, "SegmentationClassAug" if split == AUGMENTED_SPLIT else "SegmentationClass")
+        label_dir = self._label_dir(split)
         images = {i: os.path.join(self.root, "JPEGImages", i + ".jpg") for i in ids}
         labels = {i: os.path.join(label_dir, i + ".png") for i in ids}
         for image_id in ids:  # a listed id needs both files; _pair reports the one that is missing
@@ -53,4 +59,4 @@ class VOCDataset(dataset.Dataset):
                 if not self.skip_bad:
                     raise FileNotFoundError(message)
                 self.problems.append(message)
-        return self._pair(images, labels, f"{list_path} (JPEGImages / {os.path.basename(label_dir)})")
+        return self._pair(images, labels, self.location(split))
