@@ -18,8 +18,10 @@ from mess_tf import io_utils, network
 
 RUN_CONFIG = "run_config.json"
 # Fields of a network config that fix the shapes of the backbone and final-head weights; the input
-# size may differ (the network is fully convolutional) and weight-file paths do not matter.
+# size may differ (the network is fully convolutional) and weight-file paths do not matter. A
+# wrapped user model is fixed by its layers (copied by name, shapes checked) and its positions.
 _WEIGHT_SHAPING_FIELDS = ("backbone.name", "backbone.output_stride", "backbone.alpha", "num_classes", "final_head")
+_WRAPPED_WEIGHT_SHAPING_FIELDS = ("position_names", "num_classes", "input_size")
 
 
 def resolve_checkpoint(path):
@@ -52,8 +54,11 @@ def write_run_config(run_dir, run_config):
 
 
 def network_config(run_config):
-    """The NetworkConfig of a run, without its pretrained-weights file (checkpoints supersede it)."""
-    config = network.NetworkConfig.from_dict(run_config["network"])
+    """The NetworkConfig of a run, without its pretrained-weights file (checkpoints supersede it),
+    or the WrappedConfig of a run of a wrapped user model."""
+    config = network.config_from_dict(run_config["network"])
+    if isinstance(config, network.WrappedConfig):
+        return config
     return dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, weights=None))
 
 
@@ -81,7 +86,7 @@ def load_network(checkpoint_or_run_dir):
     """
     checkpoint = resolve_checkpoint(checkpoint_or_run_dir)
     run_config = read_run_config(checkpoint)
-    net = network.MultiExitNetwork(network_config(run_config), run_config["exits"])
+    net = network.build(network_config(run_config), run_config["exits"])
     restore_model(net.model, checkpoint)
     return net, run_config
 
@@ -126,11 +131,16 @@ def init_from(net, checkpoint_or_run_dir):
     """
     checkpoint = resolve_checkpoint(checkpoint_or_run_dir)
     source_config = read_run_config(checkpoint)
-    diffs = config_differences(source_config["network"], net.config.to_dict(), _WEIGHT_SHAPING_FIELDS)
+    source, target = source_config["network"], net.config.to_dict()
+    if source.get("kind") != target.get("kind"):
+        raise ValueError(f"--init_from {checkpoint_or_run_dir}: one network is a wrapped Keras model, the other a "
+                         f"built-in one")
+    fields = _WRAPPED_WEIGHT_SHAPING_FIELDS if target.get("kind") == network.WRAPPED else _WEIGHT_SHAPING_FIELDS
+    diffs = config_differences(source, target, fields)
     if diffs:
         raise ValueError(f"--init_from {checkpoint_or_run_dir}: its network is incompatible with this one "
                          f"({'; '.join(diffs)})")
-    source_net = network.MultiExitNetwork(network_config(source_config), source_config["exits"])
+    source_net = network.build(network_config(source_config), source_config["exits"])
     restore_model(source_net.model, checkpoint)
     source_layers = {layer.name: layer for layer in source_net.model.layers}
     copied = []
@@ -146,3 +156,42 @@ def init_from(net, checkpoint_or_run_dir):
         if is_exit:
             copied.append(layer.name)
     return checkpoint, copied
+
+
+USER_MODEL = "user_model.keras"
+
+
+def wrap_run(model_path, position_names, run_dir, class_names=None):
+    """Makes a run folder of a user's own Keras model, which every tool that takes a run reads.
+
+    The folder gets a copy of the model file (USER_MODEL), a run_config.json whose network is its
+    WrappedConfig (no early exits yet: train them with stage 2 from this run), and a checkpoint of
+    its weights (ckpt-0).
+
+    Args:
+      model_path: a functional Keras model saved as .keras: images [B, H, W, 3] RGB 0..255 ->
+        logits [B, h, w, classes].
+      position_names: its layers whose outputs are candidate exit positions.
+      run_dir: the run folder to write.
+      class_names: optional class names for the exported metadata.
+
+    Returns:
+      network.MultiExitNetwork of the wrapped model (config.model_path: the copy in run_dir).
+
+    Raises:
+      ValueError or FileNotFoundError naming the model file, a position or the class names.
+    """
+    copy = os.path.abspath(os.path.join(run_dir, USER_MODEL))
+    net = network.MultiExitNetwork.wrap(network.load_user_model(model_path), position_names, model_path=copy)
+    if class_names is not None and len(class_names) != net.config.num_classes:
+        raise ValueError(f"{len(class_names)} class names given; {model_path} predicts {net.config.num_classes} "
+                         f"classes")
+    with open(model_path, "rb") as f:
+        io_utils.write_bytes(copy, f.read())
+    run_config = {"network": net.config.to_dict(), "train": None, "exits": [], "init_from": None,
+                  "wrapped_from": os.path.abspath(model_path)}
+    if class_names is not None:
+        run_config["class_names"] = list(class_names)
+    write_run_config(run_dir, run_config)
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=net.model), run_dir, max_to_keep=1).save(checkpoint_number=0)
+    return net

@@ -224,12 +224,10 @@ def _class_map_outputs(size):
 
 
 def segment_positions(net, exit_ids):
-    """The positions where part segments end for `exit_ids`: every exit's position, the decoder's
-    (V3+), and the backbone output, in depth order. Between them a segment has no other exit to
+    """The positions where part segments end for `exit_ids`: every exit's position, those the final
+    head reads (the backbone output; the decoder's in V3+), in depth order. Between them a segment has no other exit to
     serve, so cutting there only adds conversions and timing noise."""
-    wanted = {net.position_of(e).name for e in exit_ids} | {net.backbone.positions[-1].name}
-    if net.config is not None and net.config.final_head.kind == "deeplabv3plus":
-        wanted.add(net.backbone.decoder_position(net.config.final_head.decoder_position))
+    wanted = {net.position_of(e).name for e in exit_ids} | set(net.final_head_positions())
     return [p for p in net.backbone.positions if p.name in wanted]
 
 
@@ -309,8 +307,8 @@ def part_models(net, exit_ids=None, positions=None):
       "head:<exit id>" -> model (features at its position -> coarse logits [1, h, w, classes]);
       "class_map:<position>" -> model ({COARSE_LOGITS: coarse logits of an exit there}, passed on
         as they are);
-      "final_head" -> model (backbone output [and, for V3+, the decoder's low-level features]
-        -> its coarse logits [1, h, w, classes]).
+      "final_head" -> model (backbone output, and the features of any earlier position the head
+        reads: V3+'s decoder, a wrapped model's skip -> its coarse logits [1, h, w, classes]).
       convert_parts adds what a staged model computes at each: the image confidence after a head,
       the class map (bilinear resize to the class-map size, argmax) after a class map and after
       the final head.
@@ -321,9 +319,8 @@ def part_models(net, exit_ids=None, positions=None):
 
 def _final_head_part(net):
     final = net.coarse_logits(FINAL_EXIT)
-    cut = [net.backbone.model.output]
-    if net.config.final_head.kind == "deeplabv3plus":
-        cut.append(net.backbone.feature(net.backbone.decoder_position(net.config.final_head.decoder_position)))
+    *skipped, last = net.final_head_positions()
+    cut = [net.backbone.feature(p) for p in [last] + skipped]
     sources = {network._io_name(graph.producer(t).name): _input_like(t, graph.producer(t).name) for t in cut}
     feeds = list(zip(cut, sources.values()))
     return keras.Model(sources, graph.replay(final, feeds), name="final_head"), dict(zip(sources, cut))
@@ -335,7 +332,7 @@ def _part_calibration(net, parts, images):
     tensors = {k: t for k, t in tensors.items() if t is not net.image}
     features = keras.Model(net.image, tensors)
     per_part = {key: [] for key in parts}
-    for image in _calibration_batches(images, net.config.input_size):
+    for image in _calibration_batches(images, net.backbone.input_size):
         available = {k: v.numpy() for k, v in features(image, training=False).items()}
         for key, (_, feeds) in parts.items():
             per_part[key].append({name: image if tensor is net.image else available[f"{key}/{name}"]
@@ -469,7 +466,7 @@ def _stages(net, config):
     for k, model in enumerate(models):
         choice = choices[k]
         eid = choice.exit_id if choice else FINAL_EXIT
-        stride = net.position_of(eid).stride if choice else net.config.backbone.output_stride
+        stride = net.position_of(eid).stride if choice else net.output_stride
         class_map_key = class_map_signature(k + 1) if choice and not budgeted else None
         if class_map_key:
             class_maps[class_map_key] = _class_map_model(net, eid)
@@ -583,7 +580,7 @@ def build_model(net, config, precision, calibration_images=None, policy_config=N
         functions = {FULL_SIGNATURE: _full_function(models, stages, policy_config, precision, size)}
     dataset = None
     if precision == "int8":
-        dataset = _stage_calibration(models, stages, calibration_images, net.config.input_size, set(functions))
+        dataset = _stage_calibration(models, stages, calibration_images, net.backbone.input_size, set(functions))
     variables = {id(v): v for m in models + list(class_maps.values()) for v in m.variables}
     model_bytes = _convert(functions, variables.values(), precision, dataset)
     if precision == "int8" and staged:
@@ -650,7 +647,7 @@ def staged_metadata(net, config, precision, stages, policy_config=None, class_na
       class_map (stride: input pixels per class-map pixel, size [H', W'], upsampling: how an app
       brings it to the input size), stages (signature, exit_id, stride, th_pix, th_img, inputs,
       features, class_map_signature), policy, deployment (config.to_dict()), network
-      (net.config.to_dict(), None for a wrapped model).
+      (net.config.to_dict(): a NetworkConfig's, or a wrapped model's WrappedConfig).
     """
     num_classes = net.config.num_classes
     policy_config = policy_config or policy_of(config)
@@ -662,7 +659,7 @@ def staged_metadata(net, config, precision, stages, policy_config=None, class_na
         "precision": precision,
         "mode": config.mode,
         "classes": class_names,
-        "input": {"size": list(net.config.input_size), "channels": "RGB", "dtype": "float32",
+        "input": {"size": list(net.backbone.input_size), "channels": "RGB", "dtype": "float32",
                   "range": [0, 255], "batch": 1},
         "class_map": {"stride": policy_config.class_map_stride,
                       "size": list(class_map_size(net.backbone.input_size, policy_config)), "upsampling": "nearest"},

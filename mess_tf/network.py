@@ -11,7 +11,9 @@ those layers and so their weights:
     Chaining them reproduces `subset_model(ids)`.
 """
 import dataclasses
+import os
 import re
+from typing import Optional
 
 from mess_tf import backbones, graph, heads
 from mess_tf.deployment import FINAL_EXIT, exit_id
@@ -19,6 +21,7 @@ from mess_tf.keras_lib import keras
 
 EXIT_LOGITS = "exit_logits"
 EXIT_COARSE_LOGITS = "exit_coarse_logits"  # the exit's logits before upsampling (policy input)
+WRAPPED = "wrapped"  # WrappedConfig.kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,68 @@ class NetworkConfig:
                    final_head=heads.FinalHeadConfig(**d.pop("final_head")), **d)
 
 
+@dataclasses.dataclass(frozen=True)
+class WrappedConfig:
+    """A user's own functional Keras model as the network (MultiExitNetwork.wrap).
+
+    Attributes:
+      model_path: the saved .keras file that rebuilds it (None for a model wrapped in memory). It
+        is loaded in Keras' safe mode: no code stored in the file runs.
+      position_names: its layers whose outputs are candidate exit positions, in depth order.
+      num_classes: classes it predicts (its output's last dimension).
+      input_size: (H, W) of its input, in pixels.
+    """
+
+    model_path: Optional[str]
+    position_names: tuple
+    num_classes: int
+    input_size: tuple
+    kind: str = WRAPPED
+
+    def __post_init__(self):
+        object.__setattr__(self, "position_names", tuple(self.position_names))
+        object.__setattr__(self, "input_size", tuple(self.input_size))
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def config_from_dict(d):
+    """A NetworkConfig or WrappedConfig from its to_dict()."""
+    if d.get("kind") == WRAPPED:
+        return WrappedConfig(**d)
+    return NetworkConfig.from_dict(d)
+
+
+def load_user_model(path):
+    """A user's saved functional Keras model (.keras), loaded without running code from the file.
+
+    Raises:
+      FileNotFoundError or ValueError naming the file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Keras model not found: {path}")
+    if not path.endswith(".keras"):
+        raise ValueError(f"{path}: expected a Keras model saved with model.save('NAME.keras')")
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # Keras raises many types here; the message is what the user needs
+        raise ValueError(f"cannot load Keras model {path}: {str(e).splitlines()[0]}") from None
+
+
+def build(config, exits=()):
+    """The MultiExitNetwork of a NetworkConfig (built here) or a WrappedConfig (the user's model,
+    loaded from its file), with `exits` attached."""
+    if isinstance(config, WrappedConfig):
+        if config.model_path is None:
+            raise ValueError("this wrapped network was made in memory (model_path None); save the Keras model "
+                             "as .keras and wrap it with tools.wrap to rebuild it from a run")
+        return MultiExitNetwork.wrap(load_user_model(config.model_path), config.position_names, exits,
+                                     model_path=config.model_path)
+    return MultiExitNetwork(config, exits)
+
+
 def _layer_prefix(position, head_id):
     return "exit_" + re.sub(r"[^A-Za-z0-9_]", "_", position) + "__" + head_id
 
@@ -73,7 +138,7 @@ class MultiExitNetwork:
       exits: iterable of exit ids, or of (position name, ExitHeadConfig) pairs.
 
     Attributes:
-      config: the NetworkConfig (None for a wrapped user model).
+      config: the NetworkConfig, or the WrappedConfig of a wrapped user model.
       backbone: backbones.Backbone.
       exit_ids: exit ids in depth order (positions, then the order given).
       model: keras Model, images [B, H, W, 3] RGB 0..255 -> {exit id | "final": logits [B, H, W, classes]}.
@@ -89,20 +154,24 @@ class MultiExitNetwork:
         self._attach(config, backbone, final, exits)
 
     @classmethod
-    def wrap(cls, model, position_names, exits=()):
+    def wrap(cls, model, position_names, exits=(), model_path=None):
         """A user's functional segmentation model as a multi-exit network.
 
         Args:
-          model: functional Keras model, images [B, H, W, 3] -> logits [B, h, w, classes]
+          model: functional Keras model, images [B, H, W, 3] RGB 0..255 -> logits [B, h, w, classes]
             (upsampled bilinearly to H x W if smaller).
           position_names: names of its layers that are candidate exit positions.
           exits: exit ids or (position, ExitHeadConfig) pairs, as for the constructor.
+          model_path: the .keras file `model` was loaded from, recorded in the WrappedConfig.
         """
         final = model.output
         if tuple(final.shape[1:3]) != tuple(model.input.shape[1:3]):
             final = keras.layers.Resizing(*model.input.shape[1:3], interpolation="bilinear", name="final_upsample")(final)
+        backbone = backbones.Backbone.from_model(model, position_names)
+        config = WrappedConfig(model_path and os.fspath(model_path), [p.name for p in backbone.positions],
+                               int(final.shape[-1]), backbone.input_size)
         network = cls.__new__(cls)
-        network._attach(None, backbones.Backbone.from_model(model, position_names), final, exits)
+        network._attach(config, backbone, final, exits)
         return network
 
     def _attach(self, config, backbone, final_logits, exits):
@@ -127,6 +196,30 @@ class MultiExitNetwork:
     @property
     def image(self):
         return self.backbone.model.input
+
+    @property
+    def output_stride(self):
+        """Output stride of the backbone's last position (the final exit's policy stride)."""
+        return self.backbone.positions[-1].stride
+
+    def final_head_positions(self):
+        """Names of the positions whose features the final head reads, in depth order: the last
+        position, and any earlier one it reads directly (DeepLabV3+'s decoder, a user model's skip).
+
+        Raises:
+          ValueError if it reads a backbone tensor that is no position's output (the network could
+          not be cut there).
+        """
+        layers = {layer.name: layer for layer in graph.topological_layers([self._logits[FINAL_EXIT]])}
+        backbone_layers = graph.ancestors([self.backbone.model.output])
+        read = {p.name for name in set(layers) - backbone_layers for p in graph.parents(layers[name])
+                if p.name in backbone_layers}
+        position_names = {p.name for p in self.backbone.positions}
+        stray = sorted(read - position_names)
+        if stray:
+            raise ValueError(f"the final head reads the output of layer(s) {stray} inside the backbone, which are not "
+                             f"candidate positions; add them to the positions so the network can be cut there")
+        return [p.name for p in self.backbone.positions if p.name in read | {self.backbone.positions[-1].name}]
 
     def position_of(self, eid):
         """The Position an exit reads from."""
@@ -214,9 +307,41 @@ class MultiExitNetwork:
         else:  # what this stage consumes from earlier stages
             needed = produced_for(mine, earlier)
             new_inputs = {_io_name(n): keras.Input(by_name[n].output.shape[1:], name=_io_name(n)) for n in needed}
-            feeds = [(by_name[n].output, new_inputs[_io_name(n)]) for n in needed]
+            children = {}
+            for name in mine:
+                for parent in graph.parents(by_name[name]):
+                    children.setdefault(parent.name, []).append(by_name[name])
+            feeds = [(by_name[n].output, _handoff(new_inputs[_io_name(n)], n, children)) for n in needed]
         targets = {EXIT_LOGITS: logits, EXIT_COARSE_LOGITS: coarse_logits, **{_io_name(n): by_name[n].output for n in carried}}
         return keras.Model(new_inputs, graph.replay(targets, feeds), name=f"stage_{k + 1}")
+
+
+# Layers whose int8 kernels give their output the scale of their input: a tensor passes through
+# them to its consumer with its scale unchanged.
+_SCALE_PRESERVING = (keras.layers.AveragePooling2D, keras.layers.MaxPooling2D, keras.layers.UpSampling2D,
+                     keras.layers.Resizing, keras.layers.Reshape, keras.layers.ZeroPadding2D, keras.layers.Cropping2D)
+
+
+def _handoff(stage_input, layer_name, children):
+    """A stage input as its layers read it: through an identity 1x1 depthwise convolution if it
+    reaches a Concatenate by scale-preserving layers only.
+
+    int8 concatenation needs all its inputs at its output's scale. The converter meets that by
+    re-scaling whatever feeds it, and a stage input it can re-scale is a signature input: the
+    earlier stage's int8 output would then be read with another scale (a broken hand-off, which
+    export.check_int8_handoff refuses). The identity convolution (weights 1, exact in float and in
+    int8) requantises the tensor inside this stage, so the input keeps its producer's scale.
+    """
+    frontier, seen = [layer_name], set()
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            if isinstance(child, keras.layers.Concatenate):
+                return keras.layers.DepthwiseConv2D(1, use_bias=False, depthwise_initializer="ones", trainable=False,
+                                                    name=_io_name(layer_name) + "_handoff")(stage_input)
+            if isinstance(child, _SCALE_PRESERVING) and child.name not in seen:
+                seen.add(child.name)
+                frontier.append(child.name)
+    return stage_input
 
 
 def _io_name(layer_name):

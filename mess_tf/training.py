@@ -425,6 +425,9 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
     if config.precise_bn_batches and strategy.num_replicas_in_sync > 1:
         raise ValueError("precise_bn_batches needs a single replica; set it to 0 under a multi-replica strategy")
     crop_config = dataclasses.replace(network_config, input_size=config.crop_size or network_config.input_size)
+    if isinstance(network_config, network.WrappedConfig) and crop_config != network_config:
+        raise ValueError(f"crop_size={config.crop_size}: a wrapped Keras model trains at its own input size "
+                         f"{network_config.input_size}")
     _check_batches(train_data, crop_config, "train_data")
     mixed = config.mixed_precision and bool(tf.config.list_physical_devices("GPU"))
     if config.mixed_precision and not mixed:
@@ -440,7 +443,7 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
 
     keras.utils.set_random_seed(config.seed)
     with _compute_dtype(mixed), strategy.scope():
-        net = network.MultiExitNetwork(crop_config, exits)
+        net = network.build(crop_config, exits)
         if config.bn_momentum is not None:
             _set_bn_momentum(net.model, config.bn_momentum)
         plans = _plans(net, config)
@@ -473,7 +476,7 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
 
     # Crops train a network built at their size; evaluation runs at the input size, on a twin
     # network built there that gets the current weights (the layers and weights are the same).
-    eval_net = net if crop_config == network_config or val_data is None else network.MultiExitNetwork(network_config, exits)
+    eval_net = net if crop_config == network_config or val_data is None else network.build(network_config, exits)
 
     def run_eval(step):
         if eval_net is not net:
@@ -584,8 +587,7 @@ def _set_bn_momentum(model, momentum):
 
 
 def _backbone_positions(network_config):
-    from mess_tf import backbones  # only needed when the config does not name its positions
-    return backbones.Backbone(network_config.backbone, network_config.input_size).positions
+    return network.build(network_config).backbone.positions
 
 
 def _check_batches(dataset, network_config, what):

@@ -34,7 +34,7 @@ def load_network(config):
     if not config.network:
         raise ValueError(f"--random_weights: {FLAGS.config} has no `network` entry to build the network from")
     exits = [e.exit_id for e in config.exits]
-    return network.MultiExitNetwork(network.NetworkConfig.from_dict(config.network), exits), {}
+    return network.build(network.config_from_dict(config.network), exits), {}
 
 
 def main(argv):
@@ -45,7 +45,7 @@ def main(argv):
     if FLAGS.precision == "int8":
         if not FLAGS.calibration_data:
             raise ValueError("--precision=int8 needs --calibration_data (a folder of calibration-split images)")
-        images = runtime.read_images(FLAGS.calibration_data, net.config.input_size)
+        images = runtime.read_images(FLAGS.calibration_data, net.backbone.input_size)
         calibration = [image for _, image in images[:FLAGS.max_calibration_images]]
     class_names = FLAGS.class_names or run_config.get("class_names")
     # The policy the configuration was searched under travels in its metadata (export.policy_of).

@@ -240,8 +240,17 @@ class Backbone:
         if missing:
             raise ValueError(f"layers {missing} are not in model {model.name!r}")
         depth = {layer.name: i for i, layer in enumerate(graph.topological_layers(model))}
+        names = sorted(position_names, key=depth.get)
+        # Stages and timed parts cut the backbone at its positions, so every path from the image to
+        # the last position must cross each (a skip may go from a position to the final head only).
+        cuts = set(graph.articulation_layers(keras.Model(model.input, model.get_layer(names[-1]).output)))
+        bypassed = [n for n in names if n not in cuts]
+        if bypassed:
+            raise ValueError(f"positions {bypassed} of model {model.name!r} are bypassed by a skip connection inside "
+                             f"the backbone (up to {names[-1]!r}); a position must lie on every path from the image "
+                             f"to the last position")
         backbone = cls.__new__(cls)
-        backbone._index(None, model, sorted(position_names, key=depth.get))
+        backbone._index(None, model, names)
         return backbone
 
     def _index(self, config, model, names):

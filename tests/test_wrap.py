@@ -1,0 +1,190 @@
+"""Users' own Keras models as MESS networks: wrap -> run folder -> train -> export -> runtime.
+
+Two user models of different shapes: one whose early features reach the head through average
+pooling and a concatenation, a U-Net-like one that concatenates upsampled deep features with early
+ones. Both are trained briefly on a task they can learn (each pixel's class is which of a few
+prototype colours its region has), so their class maps have real margins and int8 can be held to
+the float model's mIoU.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mess_tf import checkpoints, deployment, export, metrics, network, runtime
+from mess_tf.keras_lib import keras, layers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROTOTYPES = np.array([[230, 40, 40], [40, 200, 60], [50, 60, 220], [220, 210, 50], [150, 60, 170]], np.float32)
+
+
+def _conv(x, filters, stride, name):
+    x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=name + "_conv")(x)
+    return layers.ReLU(name=name)(layers.BatchNormalization(name=name + "_bn")(x))
+
+
+def pooled_skip_model(size=(64, 64), classes=4):
+    """Stride 8; the stride-4 features are average-pooled and concatenated before the classifier."""
+    image = keras.Input(size + (3,), name="image")
+    x = _conv(layers.Rescaling(1 / 127.5, offset=-1)(image), 8, 2, "stem")
+    a = _conv(x, 16, 2, "stage_a")
+    c = _conv(_conv(a, 24, 2, "stage_b"), 24, 1, "stage_c")
+    x = layers.Concatenate(name="fuse")([c, layers.AveragePooling2D(2, name="skip_pool")(a)])
+    return keras.Model(image, layers.Conv2D(classes, 1, name="classifier")(x), name="pooled_skip")
+
+
+def unet_model(size=(48, 80), classes=5):
+    """Stride 4 output; stride-16 features upsampled and concatenated with the stride-4 ones."""
+    image = keras.Input(size + (3,), name="image")
+    x = _conv(layers.Rescaling(1 / 127.5, offset=-1)(image), 8, 2, "stem")
+    a = _conv(x, 16, 2, "stage_a")
+    c = _conv(_conv(a, 32, 2, "stage_b"), 32, 2, "stage_c")
+    x = layers.Concatenate(name="fuse")([layers.UpSampling2D(4, interpolation="bilinear", name="up")(c), a])
+    return keras.Model(image, layers.Conv2D(classes, 1, name="classifier")(_conv(x, 16, 1, "decode")), name="unet")
+
+
+MODELS = {"pooled_skip": (pooled_skip_model, ["stage_a:fcn_w16_b1", "stage_b:fcn_w16_b0"]),
+          "unet": (unet_model, ["stage_a:fcn_w16_b0", "stage_b:fcn_w16_b1_rd"])}
+
+
+def colour_regions(n, size, classes, seed):
+    """Images of 8x8-pixel blocks in prototype colours (+ noise), labelled by the colour's index."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, classes, (n, size[0] // 8, size[1] // 8))
+    labels = blocks.repeat(8, 1).repeat(8, 2)
+    images = PROTOTYPES[labels] + rng.normal(0, 20, labels.shape + (3,))
+    return np.clip(images, 0, 255).astype(np.float32), labels.astype(np.uint8)
+
+
+def train_jointly(net, images, labels, steps=120):
+    """Every exit and the final exit trained together (Adam): a few seconds on the CPU."""
+    optimizer = keras.optimizers.Adam(1e-2)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    variables = net.model.trainable_variables
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        batch = rng.choice(len(images), 8)
+        with tf.GradientTape() as tape:
+            outputs = net.model(images[batch], training=True)
+            total = tf.add_n([loss(labels[batch], logits) for logits in outputs.values()])
+        optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
+
+
+def miou(class_maps, labels, classes):
+    matrix = metrics.ConfusionMatrix(classes, 255)
+    for class_map, label in zip(class_maps, labels):
+        matrix.update(class_map, label)
+    return matrix.miou()
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def trained(request, tmp_path_factory):
+    """(name, trained wrapped network with exits, test images, labels, folder)."""
+    name = request.param
+    make, exits = MODELS[name]
+    folder = tmp_path_factory.mktemp(name)
+    tf.keras.utils.set_random_seed(0)
+    user = make()
+    user.save(str(folder / "user.keras"))
+    wrapped = checkpoints.wrap_run(str(folder / "user.keras"), ["stage_c", "stage_a", "stage_b"], str(folder / "run"))
+    net = network.build(wrapped.config, exits)
+    size, classes = net.backbone.input_size, net.config.num_classes
+    train_jointly(net, *colour_regions(64, size, classes, seed=1))
+    return name, net, *colour_regions(6, size, classes, seed=2), folder
+
+
+def _dynamic_config(net):
+    exits = [deployment.ExitChoice(*eid.split(":"), th_pix=0.8, th_img=0.6) for eid in net.exit_ids]
+    return deployment.DeploymentConfig("dynamic", exits, network=net.config.to_dict())
+
+
+def test_a_wrap_run_reloads_the_users_model_and_weights(trained):
+    name, _, images, _, folder = trained
+    run = str(folder / "run")
+    reloaded, run_config = checkpoints.load_network(run)
+    assert run_config["network"]["kind"] == "wrapped" and run_config["network"]["position_names"] == [
+        "stage_a", "stage_b", "stage_c"]
+    assert reloaded.config.model_path == os.path.join(os.path.abspath(run), checkpoints.USER_MODEL)
+    user = keras.models.load_model(str(folder / "user.keras"), compile=False)
+    np.testing.assert_allclose(reloaded.model(images[:2])["final"], tf.image.resize(user(images[:2]), images.shape[1:3]),
+                               atol=1e-5)
+
+
+def test_float_staged_model_equals_keras_except_at_ties(trained, tmp_path):
+    _, net, images, _, _ = trained
+    path = tmp_path / "float.tflite"
+    metadata = export.export_staged_model(path, net, _dynamic_config(net), "float32")
+    assert metadata["network"]["kind"] == "wrapped" and metadata["input"]["size"] == list(net.backbone.input_size)
+    model = runtime.StagedModel.load(path)
+    expected = net.model(images)
+    for i, image in enumerate(images):
+        for result in model.anytime(image):
+            logits = expected[result.exit_id].numpy()[i]
+            top = np.sort(logits, -1)
+            differ = result.class_map != np.argmax(logits, -1)
+            assert np.all((top[..., -1] - top[..., -2])[differ] < 1e-3)
+
+
+def test_int8_staged_model_keeps_the_keras_miou_in_every_mode(trained, tmp_path):
+    name, net, images, labels, _ = trained
+    calibration, _ = colour_regions(16, net.backbone.input_size, net.config.num_classes, seed=3)
+    path = tmp_path / "int8.tflite"
+    export.export_staged_model(path, net, _dynamic_config(net), "int8", calibration_images=list(calibration))
+    model = runtime.StagedModel.load(path)
+    keras_outputs = net.model(images)
+    for k, eid in enumerate(model.exit_ids):  # every exit, run to it in budgeted mode
+        expected = miou(np.argmax(keras_outputs[eid].numpy(), -1), labels, net.config.num_classes)
+        got = miou([model.run(image, "budgeted", exit_index=k).class_map for image in images], labels,
+                   net.config.num_classes)
+        # Learned (chance is about 0.15; a stride-16 exit blurs the 8-pixel blocks: 0.76), and int8 within 1 pp.
+        assert expected > 0.6 and abs(got - expected) <= 0.01, (name, eid, got, expected)
+    dynamic = [model.run(image) for image in images]
+    taken = {r.exit_id for r in dynamic}
+    assert miou([r.class_map for r in dynamic], labels, net.config.num_classes) > 0.6 and taken
+    anytime = model.run(images[0], "anytime", deadline_ms=1e6)
+    assert anytime.exit_id == "final" and anytime.confidences and len(anytime.stage_ms) == 3
+
+
+def test_budgeted_float16_export_of_a_wrapped_network_runs(trained, tmp_path):
+    _, net, images, _, _ = trained
+    config = deployment.DeploymentConfig("budgeted", [deployment.ExitChoice(*net.exit_ids[0].split(":"))],
+                                         network=net.config.to_dict())
+    path = tmp_path / "budgeted.tflite"
+    export.export_staged_model(path, net, config, "float16")
+    result = runtime.StagedModel.load(path).run(images[0])
+    expected = np.argmax(net.model(images[:1])[net.exit_ids[0]].numpy()[0], -1)
+    assert result.exit_id == net.exit_ids[0] and np.mean(result.class_map == expected) > 0.99
+
+
+def _cli(*flags):
+    result = subprocess.run([sys.executable, "-m", "tools.wrap", *flags], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_wrap_cli_writes_a_run_and_refuses_bad_input_in_one_line(tmp_path):
+    tf.keras.utils.set_random_seed(0)
+    user = pooled_skip_model()
+    user.save(str(tmp_path / "user.keras"))
+    code, stdout, stderr = _cli(f"--model={tmp_path / 'user.keras'}", "--positions=stage_a,stage_b,stage_c",
+                                f"--output_dir={tmp_path / 'run'}", "--class_names=red,green,blue,yellow")
+    assert code == 0, stderr
+    assert "position stage_a: stride 4, 16 channels" in stdout
+    assert checkpoints.read_run_config(str(tmp_path / "run"))["class_names"] == ["red", "green", "blue", "yellow"]
+    for flags, message in [
+            (["--positions=stage_a,nowhere"], "layers ['nowhere'] are not in model 'pooled_skip'"),
+            (["--positions=stage_a,stem"], None),  # order does not matter: both lie on every path
+            (["--positions=skip_pool,stage_c"], "positions ['skip_pool'] of model 'pooled_skip' are bypassed"),
+            (["--positions=stage_a", "--class_names=a,b"], "2 class names given; "),
+    ]:
+        code, _, stderr = _cli(f"--model={tmp_path / 'user.keras'}", *flags, f"--output_dir={tmp_path / 'other'}")
+        if message is None:
+            assert code == 0, stderr
+            continue
+        assert code == 2 and message in stderr and "Traceback" not in stderr, stderr
+    (tmp_path / "notes.keras").write_text("not a zip")
+    code, _, stderr = _cli(f"--model={tmp_path / 'notes.keras'}", "--positions=a", f"--output_dir={tmp_path / 'x'}")
+    assert code == 2 and stderr.splitlines()[-1].startswith(f"error: cannot load Keras model {tmp_path / 'notes.keras'}")
