@@ -21,10 +21,16 @@ import subprocess
 import threading
 
 import numpy as np
+from PIL import Image
+
+from mess_tf import export, io_utils
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web")
 MODELS_PREFIX = "/models/"
 INSTALL = "apt-get install -y chromium nodejs npm && (cd web && npm ci)"
+INDEX = "index.json"  # {"models": [file names], "images": [file names in images/]}: what the page offers
+# Precisions a run's models are exported in for the page, with the boundary type LiteRT.js reads.
+PAGE_EXPORTS = (("int8", "uint8"), ("float32", "int8"))
 
 
 def missing():
@@ -172,3 +178,42 @@ class Page:
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
+
+
+def export_run(exp, out_dir, num_images=8):
+    """Exports every distinct model of a finished experiment for the page, once: int8 with uint8
+    boundaries (LiteRT.js has no int8 tensors) and float32, and copies some test images.
+
+    Args:
+      exp: experiment.Experiment of the run (its configs, checkpoints and data).
+      out_dir: folder to fill: <model>_<precision>.tflite (+ .json), images/, index.json.
+      num_images: test images to copy.
+
+    Returns:
+      the index written: {"models": [...], "images": [...]}.
+    """
+    names, images, _ = exp.split_arrays("test")
+    for name, image in zip(names[:num_images], images[:num_images]):
+        path = os.path.join(out_dir, "images", f"{name}.png")
+        if not os.path.exists(path):
+            with io_utils.atomic_open(path, "wb") as f:
+                Image.fromarray(image.astype(np.uint8)).save(f, format="PNG")
+    calibration = None
+    models = []
+    for key, stage, config, same in exp.models():
+        if same != key:
+            continue  # the same model as an earlier one
+        for precision, integer_io in PAGE_EXPORTS:
+            path = os.path.join(out_dir, f"{key}_{precision}.tflite")
+            models.append(os.path.basename(path))
+            if os.path.exists(export.metadata_path(path)):
+                continue
+            if calibration is None:
+                calibration = list(exp.split_arrays("calibration")[1][:exp.preset.quantization_images])
+            export.export_staged_model(path, exp.load(stage), config, precision, calibration,
+                                       policy_config=exp.policy(), class_names=exp.dataset().info.class_names,
+                                       integer_io=integer_io)
+            exp.progress(f"exported {path}")
+    index = {"models": models, "images": [f"{n}.png" for n in names[:num_images]]}
+    io_utils.write_json(os.path.join(out_dir, INDEX), index)
+    return index

@@ -62,7 +62,11 @@ function roundHalfEven(x) {
 function quantise(values, spec) {
   if (spec.dtype === 'float32' || spec.scale === 0) return Float32Array.from(values);
   const scale = Math.fround(spec.scale);
-  return Uint8Array.from(values, (v) => Math.min(255, Math.max(0, roundHalfEven(Math.fround(Math.fround(v / scale) + spec.zero_point)))));
+  const out = new Uint8Array(values.length);
+  for (let i = 0; i < values.length; i++) {
+    out[i] = Math.min(255, Math.max(0, roundHalfEven(Math.fround(Math.fround(values[i] / scale) + spec.zero_point))));
+  }
+  return out;
 }
 
 // A stored value -> float32 (runtime.dequantise).
