@@ -21,6 +21,9 @@ function palette(count) {
   });
 }
 
+// A threshold or confidence as shown: 4 decimals, '–' where there is none (the final exit).
+const fixed = (value) => (value === null || value === undefined ? '–' : value.toFixed(4));
+
 function say(message, kind = '') {
   $('status').textContent = message;
   $('status').className = kind;
@@ -92,7 +95,7 @@ function showModel(source) {
   $('exit-index').replaceChildren(...state.model.exitIds.map((id, k) => new Option(`${k + 1}: ${id}`, k)));
   $('exit-index').value = state.model.exitIds.length - 1;
   const rows = m.stages.map((s) => `<tr><td class="name">${s.signature}</td><td class="name">${s.exit_id}</td>` +
-    `<td>${s.th_pix ?? '–'}</td><td>${s.th_img ?? '–'}</td><td class="name">${s.class_map_signature ?? '–'}</td></tr>`);
+    `<td>${fixed(s.th_pix)}</td><td>${fixed(s.th_img)}</td><td class="name">${s.class_map_signature ?? '–'}</td></tr>`);
   $('model-info').innerHTML = `<p><b>${source}</b>: ${m.precision}, exported for ${m.mode} mode, input ` +
     `${m.input.size.join('×')}, ${m.classes.length} classes</p><table><tr><th>signature</th><th>exit</th>` +
     `<th>th_pix</th><th>th_img</th><th>class map</th></tr>${rows.join('')}</table>`;
@@ -163,10 +166,10 @@ function draw(result) {
 function showResult(result, mode) {
   const {stages, classes} = state.model.metadata;
   const rows = result.stageMs.map((ms, k) => {
-    const confidence = k < result.confidences.length ? result.confidences[k].toFixed(4) : '–';
+    const confidence = fixed(result.confidences[k]);
     return `<tr class="${k === result.exitIndex ? 'taken' : ''}"><td class="name">${stages[k].signature}</td>` +
       `<td class="name">${stages[k].exit_id}</td><td>${ms.toFixed(1)}</td><td>${confidence}</td>` +
-      `<td>${stages[k].th_img ?? '–'}</td></tr>`;
+      `<td>${fixed(stages[k].th_img)}</td></tr>`;
   });
   const present = [...new Set(result.classMap)].sort((a, b) => a - b);
   const colours = palette(classes.length);
@@ -194,7 +197,10 @@ function serialise(result) {
 }
 
 window.mess = {
-  loadModel: (url) => guarded(() => loadModelUrl(url)),
+  loadModel: (url) => {
+    $('model-url').value = url;
+    return guarded(() => loadModelUrl(url));
+  },
   // options: {mode, exitIndex, deadlineMs}, set as a person would in the controls.
   segment: async (imageUrl, {mode, exitIndex = null, deadlineMs = null} = {}) => {
     $('mode').value = mode ?? state.model.metadata.mode;
