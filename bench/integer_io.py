@@ -45,12 +45,10 @@ def main(argv):
     models = {key: runtime.StagedModel.load(path, num_threads=1) for key, path in paths.items()}
     matrices = {key: metrics.ConfusionMatrix(exp.dataset().info.num_classes) for key in keys}
     times, results = {key: [] for key in keys}, {key: [] for key in keys}
-    for i, (image, label) in enumerate(zip(images, labels)):
-        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
-            result = models[key].run(image)
-            matrices[key].update(result.class_map, label)
-            times[key].append(result.total_ms)
-            results[key].append(result)
+    for i, key, result in runtime.in_turns(models, images):
+        matrices[key].update(result.class_map, labels[i])
+        times[key].append(result.total_ms)
+        results[key].append(result)
     rows = []
     for name in FLAGS.models:
         int8, uint8 = results[name, "int8"], results[name, "uint8"]
