@@ -606,10 +606,10 @@ def build_model(net, config, precision, calibration_images=None, policy_config=N
 
 
 def check_int8_handoff(model_bytes, stages):
-    """Checks that every int8 (or uint8, integer_io) feature map leaves the stage that computes it with the scale and
-    zero point each later stage reads it with (and an early exit's coarse logits leave with those
-    its class-map signature reads them with), so the app passes the int8 tensor on without
-    requantising.
+    """Checks that every int8 (or uint8: integer_io) feature map leaves the stage that computes it
+    with the scale and zero point each later stage reads it with (and an early exit's coarse logits
+    leave with those its class-map signature reads them with), so the app passes the integer
+    tensor on without requantising.
 
     Raises:
       ValueError naming the stages, tensor and both quantisation parameters otherwise.

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import threading
+import urllib.parse
 
 import numpy as np
 from PIL import Image
@@ -50,7 +51,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         super().__init__(*args, directory=WEB_DIR, **kwargs)
 
     def translate_path(self, path):
-        path = path.split("?", 1)[0].split("#", 1)[0]
+        path = urllib.parse.unquote(path.split("?", 1)[0].split("#", 1)[0])
         if path.startswith(MODELS_PREFIX):
             relative = os.path.normpath(path[len(MODELS_PREFIX):]).lstrip("/")
             if relative.startswith(".."):
