@@ -24,6 +24,9 @@ export function checkMetadata(metadata) {
     throw new InputError(`metadata format ${metadata.format} is not the one this page reads (${FORMAT}); ` +
                          'export the model again with this version of mess-tf');
   }
+  for (const key of ['stages', 'signatures', 'input', 'class_map', 'classes']) {
+    if (!metadata[key]) throw new InputError(`the metadata has no "${key}"`);
+  }
   return metadata;
 }
 
