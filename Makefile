@@ -14,7 +14,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # passes, and the exit status stays the command's own.
 QUIET = 2>&1 | { grep -v -E --line-buffered -f tools/quiet_patterns.txt || true; }
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-web web setup clean
 
 setup: $(STAMP)
 
@@ -27,8 +27,18 @@ $(STAMP): setup.cfg pyproject.toml
 test: $(STAMP)
 	set -o pipefail; $(PY) -m pytest -n 2 --dist loadfile tests $(QUIET)
 
+# The page's tests alone, with their comparison tables (needs chromium, node and web/node_modules).
+test-web: $(STAMP)
+	set -o pipefail; $(PY) -m pytest -s tests/test_web.py $(QUIET)
+
+# The demo's models in the page: runs `make demo` first if it has not finished, exports them for
+# LiteRT.js once (runs/web), serves the page on 127.0.0.1 and prints its URL.
+web: $(STAMP)
+	test -f runs/demo/report/summary.md || $(MAKE) demo
+	set -o pipefail; PYTHONUNBUFFERED=1 $(PY) -m tools.web --run_dir=runs/demo --out=runs/web $(ARGS) $(QUIET)
+
 demo: $(STAMP)
 	set -o pipefail; PYTHONUNBUFFERED=1 $(PY) -m tools.demo $(ARGS) $(QUIET)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs web/node_modules

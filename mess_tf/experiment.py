@@ -470,12 +470,10 @@ class Experiment:
         models = {k: runtime.StagedModel.load(self.model_path(k), num_threads=1) for k in keys}
         matrices = {k: metrics.ConfusionMatrix(num_classes) for k in keys}
         exits, times = {k: [] for k in keys}, {k: [] for k in keys}
-        for i, (image, label) in enumerate(zip(images, labels)):
-            for k in keys[i % len(keys):] + keys[:i % len(keys)]:
-                result = models[k].run(image)
-                matrices[k].update(result.class_map, label)
-                exits[k].append(result.exit_id)
-                times[k].append(result.total_ms)
+        for i, k, result in runtime.in_turns(models, images):
+            matrices[k].update(result.class_map, labels[i])
+            exits[k].append(result.exit_id)
+            times[k].append(result.total_ms)
         results = {}
         for k, source in measured_as.items():
             ids, counts = np.unique(exits[source], return_counts=True)

@@ -28,6 +28,11 @@ float stage k, and feature maps are int8 at the signature boundaries. The conver
 feature map the same scale and zero point on both sides of the boundary, so an app passes the
 int8 bytes on as they are. `check_int8_handoff` verifies that on every converted model (scales
 agree to float rounding; zero points exactly) and export fails if they do not.
+
+`integer_io="uint8"` puts uint8 tensors at the signature boundaries of an int8 model instead
+(the converter adds one requantise op per boundary tensor, zero point + 128, same scale; inside,
+the model is the same int8 model): for runtimes without int8 tensors, such as LiteRT.js. The
+hand-off check holds for it as for int8.
 """
 import dataclasses
 import logging
@@ -44,6 +49,8 @@ from mess_tf.keras_lib import keras
 from mess_tf.latency import table
 
 PRECISIONS = ("float32", "float16", "int8")
+# Tensor type at the signature boundaries of an int8 model; LiteRT.js has no int8 tensors.
+INTEGER_IO = ("int8", "uint8")
 CLASS_MAP = "class_map"
 CONFIDENCE = "confidence"
 # An early exit's logits at its own resolution: an output of its stage, the input of its class map.
@@ -52,6 +59,8 @@ COARSE_LOGITS = "coarse_logits"
 STAGE_EXIT_OUTPUTS = (network.EXIT_LOGITS, network.EXIT_COARSE_LOGITS)
 FULL_SIGNATURE = "full"
 METADATA_SUFFIX = ".json"
+# /3 added `signatures` (every boundary tensor's dtype, shape and quantisation).
+METADATA_FORMAT = "mess_tf.staged/3"
 # Scales of one feature map on both sides of a stage boundary may differ by float rounding only.
 SCALE_RTOL = 1e-5
 DEFAULT_SIGNATURE = "serving_default"
@@ -72,15 +81,17 @@ def metadata_path(model_path):
     return str(model_path) + METADATA_SUFFIX
 
 
-def _check_precision(precision):
+def _check_precision(precision, integer_io="int8"):
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if integer_io not in INTEGER_IO:
+        raise ValueError(f"integer_io {integer_io!r} is not one of {INTEGER_IO}")
 
 
 # -- the converter -------------------------------------------------------------------------------
 
 
-def _convert(functions, variables, precision, representative_dataset=None):
+def _convert(functions, variables, precision, representative_dataset=None, integer_io="int8"):
     """Converts concrete functions into one .tflite, one signature per function.
 
     Args:
@@ -91,6 +102,7 @@ def _convert(functions, variables, precision, representative_dataset=None):
       precision: one of PRECISIONS.
       representative_dataset: int8 only: a callable returning an iterator of
         (signature_key, {input_name: float32 array}) pairs.
+      integer_io: int8 only: one of INTEGER_IO, the type of every float input and output.
 
     Returns:
       The .tflite flatbuffer (bytes).
@@ -112,8 +124,7 @@ def _convert(functions, variables, precision, representative_dataset=None):
             representative_dataset if single_key is None else
             lambda: ((DEFAULT_SIGNATURE, feed) for _, feed in representative_dataset()))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
+        converter.inference_input_type = converter.inference_output_type = tf.as_dtype(integer_io)
     with warnings.catch_warnings():
         # The converter itself calibrates int8 with the deprecated tf.lite.Interpreter; we run
         # models with ai_edge_litert. Its deprecation notice is about TF's code, not ours.
@@ -551,7 +562,8 @@ def policy_of(config):
     return policy.PolicyConfig.from_dict((config.metadata or {}).get("policy") or {})
 
 
-def build_model(net, config, precision, calibration_images=None, policy_config=None, staged=True):
+def build_model(net, config, precision, calibration_images=None, policy_config=None, staged=True,
+                integer_io="int8"):
     """Converts a deployment configuration of `net` into one .tflite.
 
     Args:
@@ -564,11 +576,13 @@ def build_model(net, config, precision, calibration_images=None, policy_config=N
         policy_of(config)).
       staged: True: signatures stage_1..stage_N and class_map_k for each early exit k of a
         dynamic/anytime model; False: one signature "full" running them all.
+      integer_io: int8 only: one of INTEGER_IO, the type of the image, feature maps, coarse
+        logits and confidences at the signature boundaries (class maps are uint8 always).
 
     Returns:
       (tflite bytes, list of Stage).
     """
-    _check_precision(precision)
+    _check_precision(precision, integer_io)
     if precision == "int8" and calibration_images is None:
         raise ValueError("int8 conversion needs calibration images (the calibration split)")
     policy_config = policy_config or policy_of(config)
@@ -582,17 +596,17 @@ def build_model(net, config, precision, calibration_images=None, policy_config=N
     if precision == "int8":
         dataset = _stage_calibration(models, stages, calibration_images, net.backbone.input_size, set(functions))
     variables = {id(v): v for m in models + list(class_maps.values()) for v in m.variables}
-    model_bytes = _convert(functions, variables.values(), precision, dataset)
+    model_bytes = _convert(functions, variables.values(), precision, dataset, integer_io)
     if precision == "int8" and staged:
         check_int8_handoff(model_bytes, stages)
     return model_bytes, stages
 
 
 def check_int8_handoff(model_bytes, stages):
-    """Checks that every int8 feature map leaves the stage that computes it with the scale and
-    zero point each later stage reads it with (and an early exit's coarse logits leave with those
-    its class-map signature reads them with), so the app passes the int8 tensor on without
-    requantising.
+    """Checks that every int8 (or uint8: integer_io) feature map leaves the stage that computes it
+    with the scale and zero point each later stage reads it with (and an early exit's coarse logits
+    leave with those its class-map signature reads them with), so the app passes the integer
+    tensor on without requantising.
 
     Raises:
       ValueError naming the stages, tensor and both quantisation parameters otherwise.
@@ -630,7 +644,29 @@ def _check_same_quantisation(source, target, name, out_quantisation, in_quantisa
             f"zero_point={in_zero}); the stages cannot pass int8 tensors on as they are")
 
 
-def staged_metadata(net, config, precision, stages, policy_config=None, class_names=None):
+def signature_tensors(model_bytes):
+    """What an app needs to feed and read each signature without a TFLite interpreter API for
+    quantisation parameters (LiteRT.js has none): every input and output tensor of every signature.
+
+    Returns:
+      {signature: {"inputs"|"outputs": {name: {"dtype": "float32"|"uint8"|"int8", "shape": [..],
+      "scale": float, "zero_point": int}}}}; real value = (stored - zero_point) * scale for
+      integer tensors with scale > 0, the stored value otherwise.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_bytes)
+
+    def describe(details):
+        return {name: {"dtype": np.dtype(d["dtype"]).name, "shape": [int(n) for n in d["shape"]],
+                       "scale": float(d["quantization"][0]), "zero_point": int(d["quantization"][1])}
+                for name, d in details.items()}
+
+    return {key: {"inputs": describe(runner.get_input_details()), "outputs": describe(runner.get_output_details())}
+            for key in interpreter.get_signature_list() for runner in [interpreter.get_signature_runner(key)]}
+
+
+def staged_metadata(net, config, precision, stages, policy_config=None, class_names=None, signatures=None):
     """The JSON-ready metadata of a staged model.
 
     Args:
@@ -641,13 +677,15 @@ def staged_metadata(net, config, precision, stages, policy_config=None, class_na
       policy_config: the policy.PolicyConfig baked into the confidences (default:
         policy_of(config)).
       class_names: optional list of num_classes names (default "class_<i>").
+      signatures: signature_tensors of the converted model.
 
     Returns:
       dict with format, precision, mode, classes, input (size [H, W], dtype, range, channels),
       class_map (stride: input pixels per class-map pixel, size [H', W'], upsampling: how an app
       brings it to the input size), stages (signature, exit_id, stride, th_pix, th_img, inputs,
-      features, class_map_signature), policy, deployment (config.to_dict()), network
-      (net.config.to_dict(): a NetworkConfig's, or a wrapped model's WrappedConfig).
+      features, class_map_signature), signatures (signature_tensors), policy, deployment
+      (config.to_dict()), network (net.config.to_dict(): a NetworkConfig's, or a wrapped
+      model's WrappedConfig).
     """
     num_classes = net.config.num_classes
     policy_config = policy_config or policy_of(config)
@@ -655,7 +693,7 @@ def staged_metadata(net, config, precision, stages, policy_config=None, class_na
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names given for a network of {num_classes} classes")
     return {
-        "format": "mess_tf.staged/2",
+        "format": METADATA_FORMAT,
         "precision": precision,
         "mode": config.mode,
         "classes": class_names,
@@ -664,6 +702,7 @@ def staged_metadata(net, config, precision, stages, policy_config=None, class_na
         "class_map": {"stride": policy_config.class_map_stride,
                       "size": list(class_map_size(net.backbone.input_size, policy_config)), "upsampling": "nearest"},
         "stages": [dataclasses.asdict(s) for s in stages],
+        "signatures": signatures,
         "policy": policy_config.to_dict(),
         "deployment": config.to_dict(),
         "network": net.config.to_dict(),
@@ -671,7 +710,7 @@ def staged_metadata(net, config, precision, stages, policy_config=None, class_na
 
 
 def export_staged_model(path, net, config, precision, calibration_images=None, policy_config=None,
-                        class_names=None):
+                        class_names=None, integer_io="int8"):
     """Writes the staged .tflite of `config` to `path` and its metadata to `path`.json.
 
     Args: as build_model and staged_metadata.
@@ -680,8 +719,10 @@ def export_staged_model(path, net, config, precision, calibration_images=None, p
       the metadata dict written.
     """
     policy_config = policy_config or policy_of(config)
-    model_bytes, stages = build_model(net, config, precision, calibration_images, policy_config)
-    metadata = staged_metadata(net, config, precision, stages, policy_config, class_names)
+    model_bytes, stages = build_model(net, config, precision, calibration_images, policy_config,
+                                      integer_io=integer_io)
+    metadata = staged_metadata(net, config, precision, stages, policy_config, class_names,
+                               signature_tensors(model_bytes))
     io_utils.write_bytes(path, model_bytes)
     io_utils.write_json(metadata_path(path), metadata)
     logging.info("wrote %s (%d bytes, %d stages, %s)", path, len(model_bytes), len(stages), precision)

@@ -220,6 +220,23 @@ class StagedModel:
         return th_img + [None] * (len(exported) - len(th_img))
 
 
+def in_turns(models, images):
+    """Runs every model on every image, the models taking turns image by image in a rotating
+    order, so that drift in the host's speed hits them alike and latency ratios are side by side.
+
+    Args:
+      models: {key: StagedModel}.
+      images: iterable of RGB 0..255 images [H, W, 3].
+
+    Yields:
+      (image index, key, ExitResult of model `key` in its exported mode).
+    """
+    keys = list(models)
+    for i, image in enumerate(images):
+        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+            yield i, key, models[key].run(image)
+
+
 def quantise(x, detail):
     """float -> a tensor's dtype (detail: a LiteRT tensor detail), with its quantisation parameters
     if it is integer."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mess_tf import backbones, deployment, export, heads, network, policy
+from mess_tf import backbones, deployment, export, heads, network, policy, runtime
 from mess_tf.keras_lib import keras, layers
 
 EXITS = ("block_2_add:fcn_w16_b0", "block_6_project_BN:fcn_w16_b1_rd")
@@ -219,3 +219,31 @@ def test_int8_features_skip_the_stages_that_do_not_read_them():
     assert "block_2_add" in stages[0].features and "block_2_add" in stages[2].inputs
     assert "block_2_add" not in stages[1].inputs + stages[1].features
     export.check_int8_handoff(model_bytes, stages)
+
+
+def test_uint8_boundaries_change_no_result_and_are_in_the_metadata(tiny_net, tmp_path):
+    # LiteRT.js has no int8 tensors. uint8 boundaries: the same int8 model inside, each boundary
+    # tensor with the same scale and its zero point + 128, and the same results.
+    config, calibration = dynamic_config(tiny_net, th_pix=0.4), images(6, seed=2)
+    models = {}
+    for integer_io in export.INTEGER_IO:
+        path = tmp_path / f"{integer_io}.tflite"
+        export.export_staged_model(path, tiny_net, config, "int8", calibration, integer_io=integer_io)
+        models[integer_io] = runtime.StagedModel.load(path)
+    int8, uint8 = (models[k].metadata["signatures"] for k in export.INTEGER_IO)
+    assert uint8.keys() == int8.keys() == {"stage_1", "stage_2", "stage_3", "class_map_1", "class_map_2"}
+    for key in int8:
+        for side in ("inputs", "outputs"):
+            for name, spec in int8[key][side].items():
+                other = uint8[key][side][name]
+                if name == export.CLASS_MAP:
+                    assert spec["dtype"] == other["dtype"] == "uint8"
+                    continue
+                assert (spec["dtype"], other["dtype"]) == ("int8", "uint8") and spec["shape"] == other["shape"]
+                assert other["zero_point"] == spec["zero_point"] + 128 and other["scale"] == spec["scale"]
+    for image in images(4, seed=7):
+        for a, b in zip(models["int8"].anytime(image), models["uint8"].anytime(image)):
+            np.testing.assert_array_equal(a.class_map, b.class_map)
+            assert a.confidences == b.confidences
+    with pytest.raises(ValueError, match="integer_io 'int16'"):
+        export.build_model(tiny_net, config, "int8", calibration, integer_io="int16")

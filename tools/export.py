@@ -19,6 +19,8 @@ flags.DEFINE_bool("random_weights", False, "Build the network from the config's 
                   "weights instead of loading a checkpoint (tests, latency experiments).")
 flags.DEFINE_string("config", None, "Deployment configuration (CONFIG.json written by tools.search).", required=True)
 flags.DEFINE_enum("precision", "int8", export.PRECISIONS, "TFLite precision.")
+flags.DEFINE_enum("integer_io", "int8", export.INTEGER_IO, "int8: the type of the tensors at the signature "
+                  "boundaries; uint8 for runtimes without int8 tensors (LiteRT.js, the web page).")
 flags.DEFINE_string("calibration_data", None, "int8: folder of calibration images (the calibration split).")
 flags.DEFINE_integer("max_calibration_images", 200, "int8: use at most this many calibration images.")
 flags.DEFINE_list("class_names", None, "Class names for the metadata (default: from the run config, else class_<i>).")
@@ -50,7 +52,7 @@ def main(argv):
     class_names = FLAGS.class_names or run_config.get("class_names")
     # The policy the configuration was searched under travels in its metadata (export.policy_of).
     metadata = export.export_staged_model(FLAGS.output, net, config, FLAGS.precision, calibration,
-                                          class_names=class_names)
+                                          class_names=class_names, integer_io=FLAGS.integer_io)
     print(f"wrote {FLAGS.output} ({os.path.getsize(FLAGS.output)} bytes, {FLAGS.precision}) "
           f"and {export.metadata_path(FLAGS.output)}")
     for stage in metadata["stages"]:
