@@ -108,12 +108,57 @@ def config_differences(old, new, fields=None):
     if fields is not None:
         old, new = ({f: _field(d, f) for f in fields} for d in (old, new))
     old, new = flatten(old), flatten(new)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+    return [f"{k}: {_as_json(old.get(k))!r} -> {_as_json(new.get(k))!r}" for k in sorted(set(old) | set(new))
             if _as_json(old.get(k)) != _as_json(new.get(k))]
 
 
 def _as_json(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+def inherit_network(checkpoint_or_run_dir, given, num_classes):
+    """The network of a run initialised from another: the source run's own, checked against what
+    this run asks for.
+
+    Args:
+      checkpoint_or_run_dir: the source run (directory or checkpoint prefix).
+      given: {dotted NetworkConfig field: value} of what the user set explicitly, e.g.
+        {"backbone.alpha": 0.5, "input_size": (96, 96)}.
+      num_classes: classes of this run's dataset.
+
+    Returns:
+      (the source's NetworkConfig or WrappedConfig, {dotted field: value} of what it supplied that
+      was not given).
+
+    Raises:
+      ValueError naming every field that differs ("num_classes: source 11, dataset 12"), before
+      anything is built: a class-count mismatch never reaches training as an out-of-range label.
+    """
+    config = network_config(read_run_config(resolve_checkpoint(checkpoint_or_run_dir)))
+    source = config.to_dict()
+    diffs = [] if config.num_classes == num_classes else [f"num_classes: source {config.num_classes}, dataset {num_classes}"]
+    for field, value in given.items():
+        if isinstance(config, network.WrappedConfig) and field != "input_size":
+            diffs.append(f"{field}: the source is a wrapped Keras model, which has none")
+        elif _as_json(_field(source, field)) != _as_json(value):
+            diffs.append(f"{field}: source {_as_json(_field(source, field))!r}, flag {_as_json(value)!r}")
+    if diffs:
+        raise ValueError(f"--init_from {checkpoint_or_run_dir}: the source network differs from this run's "
+                         f"({'; '.join(diffs)})")
+    inherited = {f: _as_json(_field(source, f)) for f in _INHERITED_FIELDS if f not in given and _has_field(source, f)}
+    return config, inherited
+
+
+_INHERITED_FIELDS = ("backbone.name", "backbone.alpha", "backbone.output_stride", "input_size", "final_head.kind",
+                     "final_head.filters", "final_head.separable")
+
+
+def _has_field(d, dotted):
+    try:
+        _field(d, dotted)
+        return True
+    except KeyError:
+        return False
 
 
 def init_from(net, checkpoint_or_run_dir):

@@ -6,8 +6,8 @@ position, and the final head. MACs are per image at the network's input size.
 """
 import dataclasses
 
-from mess_tf import backbones, heads, network
-from mess_tf.deployment import exit_id
+from mess_tf import backbones, graph, heads, network
+from mess_tf.deployment import FINAL_EXIT, exit_id
 from mess_tf.keras_lib import keras
 from mess_tf.latency import macs
 from mess_tf.latency.costs import CostTable
@@ -70,7 +70,7 @@ def _standalone_head_cost(build, input_shapes):
     return _part_cost([layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)])
 
 
-def network_costs(config, head_space=None, positions=None, backbone=None):
+def network_costs(config, head_space=None, positions=None, backbone=None, final=None):
     """Costs every part of `config`'s network for each head in `head_space` at each position.
 
     Args:
@@ -78,6 +78,7 @@ def network_costs(config, head_space=None, positions=None, backbone=None):
       head_space: ExitHeadConfigs (default: heads.default_head_space()).
       positions: position names to cost heads at (default: all candidate positions).
       backbone: an already built backbones.Backbone for config, to save building it again.
+      final: the final head's PartCost, when already known (costs_of counts a built network's).
 
     Returns:
       NetworkCosts.
@@ -95,14 +96,14 @@ def network_costs(config, head_space=None, positions=None, backbone=None):
                 by_shape[shape, head] = _standalone_head_cost(
                     lambda x, head=head: heads.exit_head(x, head, config.num_classes, config.input_size, "h"), [shape])
             head_costs[exit_id(name, head.id)] = by_shape[shape, head]
-    final_inputs = [backbone.model.output.shape[1:]]
-    low_level = config.final_head.kind == "deeplabv3plus"
-    if low_level:
-        decoder = backbone.decoder_position(config.final_head.decoder_position)
-        final_inputs.append(backbone.feature(decoder).shape[1:])
-    final = _standalone_head_cost(
-        lambda x, low=None: heads.final_head(x, low, config.final_head, config.num_classes,
-                                             config.input_size, config.backbone.output_stride), final_inputs)
+    if final is None:
+        final_inputs = [backbone.model.output.shape[1:]]
+        if config.final_head.kind == "deeplabv3plus":
+            decoder = backbone.decoder_position(config.final_head.decoder_position)
+            final_inputs.append(backbone.feature(decoder).shape[1:])
+        final = _standalone_head_cost(
+            lambda x, low=None: heads.final_head(x, low, config.final_head, config.num_classes,
+                                                 config.input_size, config.backbone.output_stride), final_inputs)
     return NetworkCosts(list(backbone.positions), segments, head_costs, final)
 
 
@@ -114,5 +115,9 @@ def costs_of(net):
       NetworkCosts.
     """
     pairs = [network.parse_exit_id(e) for e in net.exit_ids]
+    # The final head: the net's own layers after the backbone (a built-in head or a user's alike).
+    head_layers = graph.ancestors([net.logits(FINAL_EXIT)]) - graph.ancestors([net.backbone.model.output])
+    final = _part_cost([layer for layer in graph.topological_layers([net.logits(FINAL_EXIT)])
+                        if layer.name in head_layers])
     return network_costs(net.config, sorted({h for _, h in pairs}, key=lambda h: h.id), sorted({p for p, _ in pairs}),
-                         backbone=net.backbone)
+                         backbone=net.backbone, final=final)

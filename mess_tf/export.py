@@ -43,7 +43,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from mess_tf import graph, io_utils, network, policy
+from mess_tf import checkpoints, graph, io_utils, network, policy
 from mess_tf.deployment import FINAL_EXIT, DeploymentConfig
 from mess_tf.keras_lib import keras
 from mess_tf.latency import table
@@ -562,6 +562,26 @@ def policy_of(config):
     return policy.PolicyConfig.from_dict((config.metadata or {}).get("policy") or {})
 
 
+# Network fields that do not change what is exported: where the initial weights came from.
+_PROVENANCE_FIELDS = ("backbone.weights", "model_path")
+
+
+def check_network(net, config):
+    """Refuses a deployment config searched for another network than `net` (its `network` entry,
+    when it has one, must equal net.config but for the initial weights' file).
+
+    Raises:
+      ValueError naming each field that differs: "num_classes: 11 -> 12" (config -> network).
+    """
+    if not config.network:
+        return
+    diffs = [d for d in checkpoints.config_differences(config.network, net.config.to_dict())
+             if d.split(":")[0] not in _PROVENANCE_FIELDS]
+    if diffs:
+        raise ValueError(f"the deployment config was made for another network than the one exported (config -> "
+                         f"network: {'; '.join(diffs)})")
+
+
 def build_model(net, config, precision, calibration_images=None, policy_config=None, staged=True,
                 integer_io="int8"):
     """Converts a deployment configuration of `net` into one .tflite.
@@ -583,6 +603,7 @@ def build_model(net, config, precision, calibration_images=None, policy_config=N
       (tflite bytes, list of Stage).
     """
     _check_precision(precision, integer_io)
+    check_network(net, config)
     if precision == "int8" and calibration_images is None:
         raise ValueError("int8 conversion needs calibration images (the calibration split)")
     policy_config = policy_config or policy_of(config)

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mess_tf import checkpoints, deployment, export, metrics, network, runtime
+from mess_tf import checkpoints, cost_model, deployment, export, metrics, network, runtime
 from mess_tf.keras_lib import keras, layers
+from mess_tf.latency import macs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTOTYPES = np.array([[230, 40, 40], [40, 200, 60], [50, 60, 220], [220, 210, 50], [150, 60, 170]], np.float32)
@@ -159,8 +160,24 @@ def test_budgeted_float16_export_of_a_wrapped_network_runs(trained, tmp_path):
     assert result.exit_id == net.exit_ids[0] and np.mean(result.class_map == expected) > 0.99
 
 
-def _cli(*flags):
-    result = subprocess.run([sys.executable, "-m", "tools.wrap", *flags], cwd=ROOT, capture_output=True, text=True,
+def test_timed_parts_chain_to_the_wrapped_network_and_cost_its_own_head(trained):
+    """What profiling and int8 calibration run: segments, heads and a final head that reads the
+    user's skip from an earlier position."""
+    _, net, images, _, _ = trained
+    parts, sources = export.part_models(net), export.part_sources(net, net.exit_ids)
+    outputs = {"image": images[:1]}
+    for key, sourced in sources.items():
+        feeds = {name: outputs[source] for name, source in sourced.items()}
+        outputs[key] = parts[key](feeds if len(feeds) > 1 else next(iter(feeds.values()))).numpy()
+    assert set(sources["final_head"].values()) == {"segment:stage_a", "segment:stage_c"}  # the skip is an input
+    expected = keras.Model(net.image, net.coarse_logits("final"))(images[:1]).numpy()
+    np.testing.assert_allclose(outputs["final_head"], expected, atol=1e-4)
+    after_backbone = [layer for layer in net.model.layers if layer.name in ("classifier", "decode_conv", "skip_pool")]
+    assert cost_model.costs_of(net).final_head.macs == sum(macs.macs_of_layer(layer) for layer in after_backbone) > 0
+
+
+def _cli(*flags, tool="wrap"):
+    result = subprocess.run([sys.executable, "-m", f"tools.{tool}", *flags], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     return result.returncode, result.stdout, result.stderr
 
@@ -173,7 +190,21 @@ def test_wrap_cli_writes_a_run_and_refuses_bad_input_in_one_line(tmp_path):
                                 f"--output_dir={tmp_path / 'run'}", "--class_names=red,green,blue,yellow")
     assert code == 0, stderr
     assert "position stage_a: stride 4, 16 channels" in stdout
-    assert checkpoints.read_run_config(str(tmp_path / "run"))["class_names"] == ["red", "green", "blue", "yellow"]
+    run_config = checkpoints.read_run_config(str(tmp_path / "run"))
+    assert run_config["class_names"] == ["red", "green", "blue", "yellow"]
+    final_only = deployment.DeploymentConfig("dynamic", [], network=run_config["network"])
+    final_only.save(str(tmp_path / "CONFIG.json"))
+    export_flags = [f"--checkpoint={tmp_path / 'run'}", f"--config={tmp_path / 'CONFIG.json'}", "--precision=float32",
+                    f"--output={tmp_path / 'model.tflite'}"]
+    code, _, stderr = _cli(*export_flags, tool="export")
+    assert code == 0, stderr
+    assert runtime.StagedModel.load(tmp_path / "model.tflite").metadata["classes"] == ["red", "green", "blue", "yellow"]
+    deployment.DeploymentConfig("dynamic", [], network={**run_config["network"], "num_classes": 5,
+                                                        "position_names": ["stage_a"]}).save(str(tmp_path / "CONFIG.json"))
+    code, _, stderr = _cli(*export_flags, tool="export")
+    assert code == 2 and stderr.strip().splitlines()[-1] == (
+        "error: the deployment config was made for another network than the one exported (config -> network: "
+        "num_classes: 5 -> 4; position_names: ['stage_a'] -> ['stage_a', 'stage_b', 'stage_c'])")
     for flags, message in [
             (["--positions=stage_a,nowhere"], "layers ['nowhere'] are not in model 'pooled_skip'"),
             (["--positions=stage_a,stem"], None),  # order does not matter: both lie on every path

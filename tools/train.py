@@ -5,7 +5,8 @@
       --init_from=/tmp/runs/s1
 
 Running the same command again resumes from the run directory's last checkpoint. With --init_from
-the network architecture is taken from that run (the input size from --crop_size).
+the network (architecture, input size) is taken from that run; a network flag given that differs
+from it, or a dataset of another class count, is an error naming each field.
 Multi-worker training: set TF_CONFIG on every worker (see tf.distribute.MultiWorkerMirroredStrategy).
 """
 import dataclasses
@@ -26,6 +27,8 @@ flags.DEFINE_string("data_dir", None, "Dataset folder (for demo: written there i
 flags.DEFINE_string("output_dir", None, "Run directory (checkpoints, run_config.json, metrics.json, logs/).",
                     required=True)
 flags.DEFINE_string("init_from", None, "Run directory or checkpoint to start from (stage 2: a stage-1 run).")
+flags.DEFINE_bool("skip_bad", False, "Leave out (and name) unreadable or unpaired samples instead of stopping at the "
+                  "first.")
 flags.DEFINE_enum("demo_preset", "quick", list(demo.PRESETS), "Demo dataset size, when it must be generated.")
 flags.DEFINE_enum("backbone", "mobilenet_v2", backbones.BACKBONES, "Backbone.")
 flags.DEFINE_float("alpha", 1.0, "MobileNet width multiplier.")
@@ -87,12 +90,23 @@ def _or(value, default):
     return default if value is None else value
 
 
+# Flags that set the network, and the NetworkConfig field each sets (checked against --init_from's run).
+NETWORK_FLAGS = {"backbone": "backbone.name", "alpha": "backbone.alpha", "output_stride": "backbone.output_stride",
+                 "crop_size": "input_size", "final_head": "final_head.kind", "final_filters": "final_head.filters",
+                 "separable": "final_head.separable"}
+
+
 def network_config(defaults, num_classes):
-    """The NetworkConfig from the flags, or from --init_from's run (with this crop as input size)."""
+    """The NetworkConfig from the flags, or --init_from's run's (checked against the flags given)."""
     crop = _or(FLAGS.crop_size, defaults.crop_size)
     if FLAGS.init_from:
-        source = checkpoints.network_config(checkpoints.read_run_config(checkpoints.resolve_checkpoint(FLAGS.init_from)))
-        return dataclasses.replace(source, input_size=(crop, crop))
+        given = {field: (crop, crop) if name == "crop_size" else FLAGS[name].value
+                 for name, field in NETWORK_FLAGS.items() if FLAGS[name].present}
+        config, inherited = checkpoints.inherit_network(FLAGS.init_from, given, num_classes)
+        if inherited:
+            print(f"from --init_from {FLAGS.init_from}: " + ", ".join(f"{k}={v}" for k, v in inherited.items()),
+                  flush=True)
+        return config
     return network.NetworkConfig(
         backbone=backbones.BackboneConfig(FLAGS.backbone, _or(FLAGS.output_stride, defaults.output_stride),
                                           FLAGS.alpha, FLAGS.backbone_weights),
@@ -144,16 +158,18 @@ def main(argv):
     defaults = DEFAULTS[FLAGS.dataset]
     if FLAGS.dataset == "demo" and not os.path.isdir(FLAGS.data_dir):
         demo.generate(FLAGS.data_dir, FLAGS.demo_preset, seed=FLAGS.seed)
-    dataset = registry.get_dataset(FLAGS.dataset, FLAGS.data_dir)
+    dataset = registry.get_dataset(FLAGS.dataset, FLAGS.data_dir, skip_bad=FLAGS.skip_bad)
     net_config = network_config(defaults, dataset.info.num_classes)
     config = train_config(defaults)
-    crop, stride = net_config.input_size, net_config.backbone.output_stride
+    crop = net_config.input_size
+    # A wrapped Keras model's input size is fixed; a built-in network's must divide by its stride.
+    stride = 1 if isinstance(net_config, network.WrappedConfig) else net_config.backbone.output_stride
     train_data = pipeline.train_dataset(dataset.samples("train"), dataset.info, crop, config.batch_size,
-                                        seed=config.seed, multiple_of=stride)
+                                        seed=config.seed, multiple_of=stride, skip_bad=FLAGS.skip_bad)
     val_data = None
     if config.eval_batches and "val" in dataset.splits:
         val_data = pipeline.eval_dataset(dataset.samples("val"), dataset.info, crop, config.batch_size,
-                                         multiple_of=stride)
+                                         multiple_of=stride, skip_bad=FLAGS.skip_bad)
     result = training.train(net_config, config, train_data, FLAGS.output_dir, val_data=val_data,
                             init_from=FLAGS.init_from, strategy=strategy(),
                             progress=lambda record: print(format_progress(record), flush=True),
