@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mess_tf import checkpoints, cost_model, deployment, export, metrics, network, runtime
+from mess_tf import (calibration, checkpoints, cost_model, deployment, export, metrics, network, policy, runtime,
+                     training)
 from mess_tf.keras_lib import keras, layers
 from mess_tf.latency import macs
 
@@ -174,6 +175,25 @@ def test_timed_parts_chain_to_the_wrapped_network_and_cost_its_own_head(trained)
     np.testing.assert_allclose(outputs["final_head"], expected, atol=1e-4)
     after_backbone = [layer for layer in net.model.layers if layer.name in ("classifier", "decode_conv", "skip_pool")]
     assert cost_model.costs_of(net).final_head.macs == sum(macs.macs_of_layer(layer) for layer in after_backbone) > 0
+
+
+def test_stage_two_trains_the_exits_of_a_wrap_run_and_calibrates(tmp_path):
+    """The user's path after tools.wrap: stage 2 from the run (their model frozen), then calibration."""
+    tf.keras.utils.set_random_seed(0)
+    pooled_skip_model().save(str(tmp_path / "user.keras"))
+    wrapped = checkpoints.wrap_run(str(tmp_path / "user.keras"), ["stage_a", "stage_b", "stage_c"], str(tmp_path / "run"))
+    images, labels = colour_regions(16, (64, 64), 4, seed=5)
+    data = tf.data.Dataset.from_tensor_slices((images, labels)).repeat().batch(4)
+    config = training.TrainConfig(stage="stage2", steps=4, batch_size=4, optimizer="adamw", learning_rate=1e-2,
+                                  heads=["fcn_w16_b0"], positions=["stage_a"], eval_batches=0, log_every=4)
+    result = training.train(wrapped.config, config, data, str(tmp_path / "stage2"), init_from=str(tmp_path / "run"))
+    net, run_config = checkpoints.load_network(result.checkpoint)
+    assert net.exit_ids == ["stage_a:fcn_w16_b0"] and network.config_from_dict(run_config["network"]) == wrapped.config
+    np.testing.assert_allclose(net.model(images[:2])["final"], wrapped.model(images[:2])["final"], atol=1e-5)  # frozen
+    batches = [(images[:8], labels[:8])]
+    cache = calibration.calibrate_network(net, result.checkpoint, batches, [f"i{k}" for k in range(8)],
+                                          np.linspace(0.5, 0.95, 3), policy.PolicyConfig())
+    assert list(cache.exit_ids) == ["stage_a:fcn_w16_b0"] and cache.network_config["kind"] == "wrapped"
 
 
 def _cli(*flags, tool="wrap"):
