@@ -37,7 +37,7 @@ def images(n, seed=0, size=64):
 
 @pytest.fixture(scope="module")
 def tiny_net():
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     net = network.MultiExitNetwork(tiny_config(), EXITS)
     calibrate_batch_norm(net, images(8, seed=1))
     return net
@@ -67,7 +67,7 @@ SLOW = pytest.mark.skipif(not os.environ.get("MESS_TF_SLOW_TESTS"),
 def test_every_backbone_with_aspp_dilation_and_resize_converts(name):
     # Output stride 8 dilates the deepest blocks; an aspp exit, a rapid-dilation fcn exit and the
     # DeepLabV3 head add ASPP (dilated separable convs, image pooling) and bilinear resizes.
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     config = network.NetworkConfig(backbones.BackboneConfig(name, output_stride=8, weights=None, alpha=0.35
                                                             if name.startswith("mobilenet") else 1.0),
                                    num_classes=3, input_size=(32, 32), final_head=heads.FinalHeadConfig(filters=16))
@@ -211,7 +211,7 @@ def test_int8_features_skip_the_stages_that_do_not_read_them():
     # DeepLabV3+ reads the stride-4 features (block_2_add, computed in stage 1) only in the final
     # stage. Passed through stage 2 they would be a tensor no op touches, which int8 conversion
     # leaves unquantised (scale 0); they go from stage 1 to stage 3 directly instead.
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     exits = ("block_4_add:fcn_w16_b0", "block_8_add:fcn_w16_b0")
     net = network.MultiExitNetwork(tiny_config(kind="deeplabv3plus"), exits)
     calibrate_batch_norm(net, images(8, seed=1))

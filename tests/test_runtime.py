@@ -12,7 +12,7 @@ TIE_EPSILON = 1e-3  # logits this close are a tie: float rounding may pick eithe
 
 @pytest.fixture(scope="module")
 def tiny_net():
-    tf.keras.utils.set_random_seed(3)
+    keras.utils.set_random_seed(3)
     net = network.MultiExitNetwork(tiny_config(), EXITS)
     calibrate_batch_norm(net, images(8, seed=1))
     return net
@@ -194,7 +194,7 @@ def test_calibrate_cli_in_int8_writes_the_cache_of_the_converted_parts(tmp_path)
     from mess_tf.data import demo, pipeline, registry
 
     data_dir = demo.generate(str(tmp_path / "data"), "tiny", seed=0)
-    tf.keras.utils.set_random_seed(5)
+    keras.utils.set_random_seed(5)
     net = network.MultiExitNetwork(tiny_config(num_classes=demo.INFO.num_classes), EXITS)
     calibrate_batch_norm(net, images(8, seed=1))
     run = tmp_path / "run"

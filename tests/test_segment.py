@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
 from mess_tf import export, metrics, network, runtime, visualize
 from mess_tf.data import ade20k, cityscapes, files, registry, voc
+from mess_tf.keras_lib import keras
 from test_export import EXITS, calibrate_batch_norm, dynamic_config, images, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +80,7 @@ LAYOUTS = {"cityscapes": (_cityscapes, cityscapes.INFO.num_classes), "voc": (_vo
 
 
 def _staged_model(path, num_classes):
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     net = network.MultiExitNetwork(tiny_config(num_classes), EXITS)
     calibrate_batch_norm(net, images(8, seed=1))
     export.export_staged_model(path, net, dynamic_config(net, th_pix=0.4, th_img=0.5), "float32")

@@ -33,7 +33,7 @@ SCREENSHOT = os.environ.get("MESS_TF_SCREENSHOT")
 def demo_net_with_exits():
     """The shipped demo network with EXITS attached (fresh heads, batch norms set on the
     calibration images; the backbone and final head as shipped)."""
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     base, _ = shipped.load_network(shipped.folder("demo_efficientnet_lite0"))
     net = network.MultiExitNetwork(base.config, EXITS)
     shipped_layers = {layer.name: layer for layer in base.model.layers}

@@ -88,7 +88,7 @@ def trained(request, tmp_path_factory):
     name = request.param
     make, exits = MODELS[name]
     folder = tmp_path_factory.mktemp(name)
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     user = make()
     user.save(str(folder / "user.keras"))
     wrapped = checkpoints.wrap_run(str(folder / "user.keras"), ["stage_c", "stage_a", "stage_b"], str(folder / "run"))
@@ -179,7 +179,7 @@ def test_timed_parts_chain_to_the_wrapped_network_and_cost_its_own_head(trained)
 
 def test_stage_two_trains_the_exits_of_a_wrap_run_and_calibrates(tmp_path):
     """The user's path after tools.wrap: stage 2 from the run (their model frozen), then calibration."""
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     pooled_skip_model().save(str(tmp_path / "user.keras"))
     wrapped = checkpoints.wrap_run(str(tmp_path / "user.keras"), ["stage_a", "stage_b", "stage_c"], str(tmp_path / "run"))
     images, labels = colour_regions(16, (64, 64), 4, seed=5)
@@ -203,7 +203,7 @@ def _cli(*flags, tool="wrap"):
 
 
 def test_wrap_cli_writes_a_run_and_refuses_bad_input_in_one_line(tmp_path):
-    tf.keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(0)
     user = pooled_skip_model()
     user.save(str(tmp_path / "user.keras"))
     code, stdout, stderr = _cli(f"--model={tmp_path / 'user.keras'}", "--positions=stage_a,stage_b,stage_c",
