@@ -22,9 +22,8 @@ import threading
 import urllib.parse
 
 import numpy as np
-from PIL import Image
 
-from mess_tf import export, io_utils
+from mess_tf import export, io_utils, visualize
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "web")
 MODELS_PREFIX = "/models/"
@@ -197,8 +196,7 @@ def export_run(exp, out_dir, num_images=8):
     for name, image in zip(names[:num_images], images[:num_images]):
         path = os.path.join(out_dir, "images", f"{name}.png")
         if not os.path.exists(path):
-            with io_utils.atomic_open(path, "wb") as f:
-                Image.fromarray(image.astype(np.uint8)).save(f, format="PNG")
+            visualize.save_png(path, image.astype(np.uint8))
     calibration = None
     models = []
     for key, stage, config, same in exp.models():

@@ -13,16 +13,14 @@ bottom/right with mid-grey. Its class map is cropped back and resized (nearest n
 image's own size. The PNGs are palette PNGs, like PASCAL VOC labels: pixel values are class indices
 and viewers show them in the VOC colours.
 """
-import io
 import os
 import sys
 
 import numpy as np
 from absl import flags
-from PIL import Image
 
-from mess_tf import deployment, io_utils, runtime
-from mess_tf.data import files, registry
+from mess_tf import deployment, runtime, visualize
+from mess_tf.data import files, info, registry
 from tools import cli
 
 FLAGS = flags.FLAGS
@@ -39,27 +37,8 @@ flags.DEFINE_integer("num_threads", None, "Interpreter threads.")
 flags.DEFINE_string("output", None, "Output folder for the PNG class maps.", required=True)
 
 
-def voc_palette():
-    """The PASCAL VOC colour map (256 RGB entries), as a flat list for PIL."""
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        for bit in range(8):
-            r |= ((index >> 0) & 1) << (7 - bit)
-            g |= ((index >> 1) & 1) << (7 - bit)
-            b |= ((index >> 2) & 1) << (7 - bit)
-            index >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-def png_bytes(class_map):
-    """A uint8 [H, W] class map as palette-PNG bytes."""
-    image = Image.fromarray(class_map.astype(np.uint8), mode="P")
-    image.putpalette(voc_palette())
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+# The PASCAL VOC colour map: viewers show any dataset's class indices in distinct colours.
+PALETTE = info.bitmap_palette(256)
 
 
 def images_to_segment(num_classes):
@@ -90,7 +69,7 @@ def main(argv):
             skipped.append(path)
             continue
         result = model.segment(image, mode=FLAGS.mode, th_img=th_img, deadline_ms=FLAGS.deadline_ms)
-        io_utils.write_bytes(os.path.join(FLAGS.output, name + ".png"), png_bytes(result.class_map))
+        visualize.save_png(os.path.join(FLAGS.output, name + ".png"), result.class_map, PALETTE)
         confidences = " ".join(f"{c:.3f}" for c in result.confidences)
         print(f"{name}: exit {result.exit_index} ({result.exit_id}), {result.total_ms:.2f} ms, "
               f"confidences [{confidences}]")
