@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from mess_tf import calibration, checkpoints, cost_model, experiment, export, io_utils, policy, report, search  # noqa: E402
+from mess_tf import calibration, checkpoints, experiment, export, io_utils, policy, report, search  # noqa: E402
+from mess_tf.costs import model as cost_model  # noqa: E402
 from mess_tf.deployment import DeploymentConfig, ExitChoice  # noqa: E402
 from mess_tf.latency import host, table  # noqa: E402
 from tools import cli  # noqa: E402

@@ -25,8 +25,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mess_tf import calibration, io_utils, policy, search  # noqa: E402
+from mess_tf.costs.table import CostTable  # noqa: E402
 from mess_tf.deployment import exit_id  # noqa: E402
-from mess_tf.latency.costs import CostTable  # noqa: E402
 
 # heads.default_head_space() ids, listed here so the benchmark does not import TensorFlow/Keras;
 # tests keep them honest only by eye: check against heads.default_head_space() when it changes.

@@ -6,7 +6,8 @@ import json
 
 from absl import flags
 
-from mess_tf import backbones, cost_model, heads, network
+from mess_tf import backbones, heads, network
+from mess_tf.costs import model as cost_model
 from tools import cli
 
 FLAGS = flags.FLAGS

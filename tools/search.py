@@ -16,7 +16,7 @@ from absl import flags
 import numpy as np
 
 from mess_tf import calibration, io_utils, progress, report, search
-from mess_tf.latency.costs import CostTable
+from mess_tf.costs.table import CostTable
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("cache", None, "Calibration cache .npz (tools.calibrate).")
