@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
 
+import mess_cli  # noqa: E402
 from mess_tf import ablation, experiment, io_utils, report, search  # noqa: E402
-from tools import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", "runs/demo", "The demo run to build on (its missing steps are run).")
@@ -69,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

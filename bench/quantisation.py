@@ -27,9 +27,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
+import mess_cli  # noqa: E402
 from mess_tf import checkpoints, experiment, export, io_utils, metrics, network, qat, report, runtime, training  # noqa: E402
 from mess_tf.deployment import FINAL_EXIT, DeploymentConfig  # noqa: E402
-from tools import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", "runs/demo", "A demo run (its missing steps are run).")
@@ -122,4 +122,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

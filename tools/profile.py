@@ -21,11 +21,12 @@ import os
 import numpy as np
 from absl import flags
 
+import mess_cli
 from mess_tf import backbones, checkpoints, export, heads, network, progress, runtime
 from mess_tf.costs import model as cost_model
 from mess_tf.latency import host
 from mess_tf.latency import table as table_lib
-from tools import cli, policy_flags
+from tools import policy_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Training run directory or checkpoint: profile its architecture and exits.")
@@ -152,4 +153,4 @@ def _profile_phone(serial, parts, positions, input_size, policy_config):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)
