@@ -39,7 +39,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mess_tf import export, policy, report, runtime  # noqa: E402
+from mess_tf import export, policy, provenance, report, runtime  # noqa: E402
 from mess_tf.io_utils import write_json  # noqa: E402
 from mess_tf.keras_lib import keras, layers  # noqa: E402
 from mess_tf.latency import host, reference  # noqa: E402
@@ -161,7 +161,8 @@ def main():
     write_json(output, {"network": net.config.to_dict(), "exits": exit_ids, "precision": reference.DEPLOYED,
                         "threads": args.threads, "rounds": args.rounds, "device": host.host_device(),
                         "runtime": host.runtime_version(), "signatures": signatures,
-                        "confidence_logits_shape": list(shape), "confidence": confidence})
+                        "confidence_logits_shape": list(shape), "confidence": confidence,
+                        "measured": provenance.measured_on()})
     print(report.markdown_section(
         f"{args.backbone}: leaving at exit k ({reference.DEPLOYED}, median ms)",
         ["exit", "static", "stage k", "class map k", "signatures 1..k + map", "in turn", "runtime",

@@ -51,7 +51,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mess_tf import backbones, deployment, export, network, policy, report, runtime  # noqa: E402
+from mess_tf import backbones, deployment, export, network, policy, provenance, report, runtime  # noqa: E402
 from mess_tf.io_utils import write_json  # noqa: E402
 from mess_tf.keras_lib import keras  # noqa: E402
 from mess_tf.latency import host, reference  # noqa: E402
@@ -254,6 +254,7 @@ def main():
            for name, rows in control_rows.items() if name != "mobilenet_v2"},
     }
     results = {
+        "measured": provenance.measured_on(),
         "network": net.config.to_dict(), "exits": exit_ids, "precision": reference.DEPLOYED, "threads": args.threads,
         "rounds": args.rounds, "device": host.host_device(), "runtime": host.runtime_version(),
         "table": table.to_dict(),

@@ -28,7 +28,8 @@ import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 import mess_cli  # noqa: E402
-from mess_tf import checkpoints, experiment, export, io_utils, metrics, network, qat, report, runtime, training  # noqa: E402
+from mess_tf import (checkpoints, experiment, export, io_utils, metrics, network, provenance, qat, report,  # noqa: E402
+                     runtime, training)
 from mess_tf.deployment import FINAL_EXIT, DeploymentConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -118,7 +119,8 @@ def main(argv):
         f.write(markdown)
     io_utils.write_json(os.path.join(FLAGS.results_dir, "quantisation.json"),
                         {"exit": eid, "rows": table, "qat_steps": FLAGS.qat_steps, "qat_losses": losses,
-                         "dilated_float_layers": float_layers})
+                         "dilated_float_layers": float_layers,
+                         "measured": provenance.measured_on()})
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mess_tf import export, report  # noqa: E402
+from mess_tf import export, provenance, report  # noqa: E402
 from mess_tf.io_utils import write_json  # noqa: E402
 from mess_tf.latency import host, reference  # noqa: E402
 from mess_tf.latency import table as table_lib  # noqa: E402
@@ -83,7 +83,8 @@ def main():
                      "seconds_per_table": float(np.median(seconds[name]))})
     write_json(args.output, {"network": net.config.to_dict(), "parts": len(parts), "precision": reference.DEPLOYED,
                              "tables": args.tables, "num_runs": args.num_runs, "device": host.host_device(),
-                             "runtime": host.runtime_version(), "rows": rows})
+                             "runtime": host.runtime_version(), "rows": rows,
+                             "measured": provenance.measured_on()})
     print(report.markdown_section(
         f"{len(parts)} parts of MobileNetV2 {args.alpha} at {size[0]}x{size[1]}, {reference.DEPLOYED}, "
         f"{args.tables} tables per method, pairs of tables compared",
