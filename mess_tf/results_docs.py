@@ -3,7 +3,7 @@
 Each table is rendered from a JSON file that a benchmark wrote (bench/results/*.json; the demo's
 headline is bench/results/headline.json, from bench/headline.py) and says under it when, on what
 machine and by which command it was measured (the file's `measured`, mess_tf/provenance.py).
-A doc holds a table between two marker comments,
+A doc holds a table between two marker comments, each on a line of its own,
 
     <!-- generated:NAME -->
     ...
@@ -21,8 +21,9 @@ from typing import Callable
 
 from mess_tf import report
 
-MARKER = re.compile(r"<!-- generated:(?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /generated:(?P=name) -->", re.S)
-OPEN_MARKER = re.compile(r"<!-- /?generated:([\w.-]+) -->")
+# Markers stand on lines of their own, so that prose may mention them.
+MARKER = re.compile(r"^<!-- generated:(?P<name>[\w.-]+) -->\n(?P<body>.*?)^<!-- /generated:(?P=name) -->$", re.S | re.M)
+OPEN_MARKER = re.compile(r"^<!-- /?generated:([\w.-]+) -->$", re.M)
 
 
 # -- cells ---------------------------------------------------------------------------------------
