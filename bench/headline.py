@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
 
-from mess_tf import ablation, experiment, io_utils, report, search  # noqa: E402
-from tools import cli  # noqa: E402
+import mess_cli  # noqa: E402
+from mess_tf import ablation, experiment, io_utils, provenance, report, search  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", "runs/demo", "The demo run to build on (its missing steps are run).")
@@ -65,8 +65,9 @@ def main(argv):
         f.write(markdown)
     io_utils.write_json(os.path.join(FLAGS.results_dir, "headline.json"),
                         {"preset": FLAGS.preset, "headline": headline, "third_exit": third_rows,
-                         "training_ablation": ablation_rows})
+                         "training_ablation": ablation_rows,
+                         "measured": provenance.measured_on()})
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mess_tf import (calibration, checkpoints, cost_model, deployment, export, metrics, network, policy, runtime,
-                     training)
+from mess_tf import calibration, checkpoints, deployment, export, metrics, network, policy, runtime, training
+from mess_tf.costs import macs
+from mess_tf.costs import model as cost_model
 from mess_tf.keras_lib import keras, layers
-from mess_tf.latency import macs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTOTYPES = np.array([[230, 40, 40], [40, 200, 60], [50, 60, 220], [220, 210, 50], [150, 60, 170]], np.float32)

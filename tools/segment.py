@@ -19,9 +19,9 @@ import sys
 import numpy as np
 from absl import flags
 
+import mess_cli
 from mess_tf import deployment, runtime, visualize
 from mess_tf.data import files, info, registry
-from tools import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Staged .tflite (with MODEL.tflite.json beside it).", required=True)
@@ -81,4 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

@@ -20,9 +20,9 @@ import os
 import tensorflow as tf
 from absl import flags
 
+import mess_cli
 from mess_tf import backbones, checkpoints, heads, network, training
 from mess_tf.data import demo, pipeline, registry
-from tools import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("stage", "baseline", training.STAGES, "What to train.")
@@ -211,4 +211,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

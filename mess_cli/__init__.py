@@ -5,6 +5,9 @@ FileNotFoundError in the library with a message naming the file or flag; the CLI
 message alone, without a traceback, and exits with status 2. So does an output path the system
 refuses (a file where a folder must go, no permission, a full disk): the message names the path.
 TensorFlow's own INFO chatter (one line per checkpoint save) is hidden unless --verbosity is given.
+
+A package of its own beside mess_tf (which never parses flags or prints), so that tools/,
+android_bench/ and bench/ share it without importing one another.
 """
 import sys
 
