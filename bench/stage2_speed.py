@@ -20,7 +20,6 @@ with images_per_s_stored and images_per_s_direct.
 import dataclasses
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -32,10 +31,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
-from mess_tf import (checkpoints, experiment, headline, io_utils, network, report, stored_views,  # noqa: E402
-                     training)
+from mess_tf import (checkpoints, experiment, headline, io_utils, network, provenance, report,  # noqa: E402
+                     stored_views, training)
 from mess_tf.deployment import FINAL_EXIT  # noqa: E402
-from tools import cli  # noqa: E402
+import mess_cli  # noqa: E402
 
 # (name, stored views, loss stride): the direct path and the stored one with full-resolution losses,
 # and the stored one with the preset's loss stride (when it is not 1).
@@ -180,9 +179,9 @@ def main(argv):
     part_rows = [{"part": k, "ms per batch": v, "images/s alone": 1000 * batch / v} for k, v in parts.items()]
     fastest = ways[-1]  # what the demo runs: stored views, at the preset's loss stride
     ratio = records[fastest]["images_per_s"] / records["direct"]["images_per_s"]
+    measured = provenance.measured_on()
     markdown = (f"## Stage 2: stored views against the direct path ({FLAGS.preset} preset, {steps} steps of batch "
-                f"{batch}, measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
-                f"{os.cpu_count()} cores)\n\n"
+                f"{batch}; measured {measured['date']} on {measured['cpu']}, {measured['cpus']} CPUs)\n\n"
                 + report.markdown_table(part_rows, list(part_rows[0]), {"ms per batch": ".1f", "images/s alone": ".0f"})
                 + "\n\n" + report.markdown_table(rows, list(rows[0]), {c: ".2f" for c in list(rows[0])[2:9]})
                 + f"\n\nTraining throughput, {fastest} / direct: {ratio:.2f}x.\n")
@@ -192,11 +191,10 @@ def main(argv):
         f.write(markdown)
     summary = {"images_per_s_stored": records[fastest]["images_per_s"],
                "images_per_s_direct": records["direct"]["images_per_s"], "ratio": ratio, "parts_ms": parts,
-               "records": records, "preset": FLAGS.preset, "steps": steps, "date": time.strftime("%Y-%m-%d"),
-               "machine": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+               "records": records, "preset": FLAGS.preset, "steps": steps, "measured": measured}
     io_utils.write_json(os.path.join(FLAGS.results_dir, "stage2_speed.json"), summary)
     print(json.dumps({k: summary[k] for k in ("images_per_s_stored", "images_per_s_direct", "ratio")}))
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)
