@@ -141,6 +141,12 @@ TH_PIX_GRID = np.linspace(0.5, 0.95, 10)
 TH_IMG_GRID = np.linspace(0.5, 0.95, 10)
 
 
+def default_run_dir(preset):
+    """Where `make demo` and the benches keep a preset's run: runs/demo for the default preset,
+    runs/<preset> for the others (each preset has its own data and networks)."""
+    return "runs/demo" if preset == "default" else f"runs/{preset}"
+
+
 class Experiment:
     """One run folder and the steps that fill it."""
 

@@ -17,8 +17,10 @@ import mess_cli
 from mess_tf import experiment
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "default", sorted(experiment.PRESETS), "Run size (quick: ~minutes, for tests).")
-flags.DEFINE_string("out", "runs/demo", "Run folder; the report goes to OUT/report.")
+flags.DEFINE_enum("preset", "default", sorted(experiment.PRESETS),
+                  "default: the scenes; things: the digit scenes (MESS's hard case); quick: ~minutes, for tests.")
+flags.DEFINE_string("out", None, "Run folder; the report goes to OUT/report (default: runs/demo for the default "
+                    "preset, runs/<preset> for the others).")
 flags.DEFINE_integer("seed", 0, "Seed for data, weights and schedules.")
 
 
@@ -29,7 +31,8 @@ def main(argv):
     def progress(line):
         print(f"[{time.time() - start:6.0f} s] {line}", flush=True)
 
-    exp = experiment.Experiment(FLAGS.out, FLAGS.preset, FLAGS.seed, progress)
+    exp = experiment.Experiment(FLAGS.out or experiment.default_run_dir(FLAGS.preset), FLAGS.preset, FLAGS.seed,
+                                progress)
     exp.run()
     with open(exp.path("report", "summary.md")) as f:
         print("\n" + f.read())
