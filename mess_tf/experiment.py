@@ -283,16 +283,29 @@ class Experiment:
         else:
             self.train("baseline_same_budget", "baseline", self.same_budget_steps(), init_from=self.path("baseline"))
 
-    def _import_shipped(self, name, run, steps):
-        """trained/<name> as the run folder <run>, after checking it is this preset's network."""
+    def _shipped_mismatch(self, name, steps):
+        """Why trained/<name> is not this preset's network trained for `steps` ("" if it is)."""
         path = shipped.folder(name)
+        if not os.path.isfile(os.path.join(path, shipped.RECORD)):
+            return f"{path} does not exist"
         record = shipped.read_record(path)
         stored, expected = (checkpoints.network_config({"network": n}).to_dict()  # weight files aside
                             for n in (record["network"], self.network_config().to_dict()))
         diffs = checkpoints.config_differences(stored, expected)
-        if diffs or record["train"]["steps"] != steps or record.get("data") != self.data_stamp():
-            raise ValueError(f"{path} is not this preset's trained network ({'; '.join(diffs) or 'steps or data differ'}); "
+        if record["train"]["steps"] != steps:
+            diffs.append(f"steps: shipped {record['train']['steps']}, preset {steps}")
+        if record.get("data") != self.data_stamp():
+            diffs.append(f"data: shipped {record.get('data')}, preset {self.data_stamp()}")
+        return "; ".join(diffs)
+
+    def _import_shipped(self, name, run, steps):
+        """trained/<name> as the run folder <run>, after checking it is this preset's network."""
+        path = shipped.folder(name)
+        mismatch = self._shipped_mismatch(name, steps)
+        if mismatch:
+            raise ValueError(f"{path} is not this preset's trained network ({mismatch}); "
                              f"retrain it with: python -m tools.train_demo_baseline --preset={self.preset.data}")
+        record = shipped.read_record(path)
         shipped.import_run(path, self.path(run))
         self.progress(f"  {run}: the shipped network {path} (val mIoU {100 * record['val_miou']:.2f}, "
                       f"test mIoU {100 * record['test_miou']:.2f}, {record['train']['steps']} steps)")
@@ -306,17 +319,23 @@ class Experiment:
 
     def train_shipped(self):
         """Trains this preset's baseline and same-budget baseline (what tools.train_demo_baseline
-        runs, hours on a CPU) and writes them to trained/, scored as stored. Resumable.
+        runs, hours on a CPU) and writes them to trained/, scored as stored. Resumable. A shipped
+        baseline that is already this preset's is kept as it is, and only the same-budget baseline
+        is trained from it (after a change of the stage-2 steps, say).
 
         Returns:
-          {name: record} of the two networks written.
+          {name: record} of the networks written.
         """
-        if not self.preset.shipped_baseline:
-            raise ValueError(f"preset {self.preset.data!r} trains its baseline in `make demo`; nothing to ship")
+        p = self.preset
+        if not p.shipped_baseline:
+            raise ValueError(f"preset {p.data!r} trains its baseline in `make demo`; nothing to ship")
         self.run(until="data")
-        runs = {self.preset.shipped_baseline: self.train("baseline", "baseline", self.preset.baseline_steps,
-                                                         eval_every=self.preset.eval_every)}
-        runs[self.preset.shipped_baseline + SAME_BUDGET_SUFFIX] = self.train(
+        runs = {}
+        if self._shipped_mismatch(p.shipped_baseline, p.baseline_steps):
+            runs[p.shipped_baseline] = self.train("baseline", "baseline", p.baseline_steps, eval_every=p.eval_every)
+        elif not os.path.isdir(self.path("baseline")):
+            self._import_shipped(p.shipped_baseline, "baseline", p.baseline_steps)
+        runs[p.shipped_baseline + SAME_BUDGET_SUFFIX] = self.train(
             "baseline_same_budget", "baseline", self.same_budget_steps(), init_from=self.path("baseline"))
         records = {}
         for name, result in runs.items():
