@@ -191,7 +191,7 @@ def main(argv):
         f.write(markdown)
     summary = {"images_per_s_stored": records[fastest]["images_per_s"],
                "images_per_s_direct": records["direct"]["images_per_s"], "ratio": ratio, "parts_ms": parts,
-               "records": records, "preset": FLAGS.preset, "steps": steps, "measured": measured}
+               "rows": rows, "records": records, "preset": FLAGS.preset, "steps": steps, "measured": measured}
     io_utils.write_json(os.path.join(FLAGS.results_dir, "stage2_speed.json"), summary)
     print(json.dumps({k: summary[k] for k in ("images_per_s_stored", "images_per_s_direct", "ratio")}))
 

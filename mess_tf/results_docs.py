@@ -20,6 +20,7 @@ import re
 from typing import Callable
 
 from mess_tf import report
+from mess_tf.data.demo import PUBLISHED_STUFF_SHARES
 
 # Markers stand on lines of their own, so that prose may mention them.
 MARKER = re.compile(r"^<!-- generated:(?P<name>[\w.-]+) -->\n(?P<body>.*?)^<!-- /generated:(?P=name) -->$", re.S | re.M)
@@ -180,6 +181,50 @@ def headline_noise(data):
     return key_values(noise) if noise else "(no noise floor in this headline.json)"
 
 
+def headline_data(data):
+    """What the demo data's labelled pixels are made of, beside published scene datasets."""
+    stats = _headline(data)["data"]
+    things = stats["per_image_things_percent"]
+    rows = [{"dataset": f"the demo's {stats['kind']} ({stats['images']} images, synthetic)",
+             "stuff % of pixels": stats["stuff_percent"], "things % of pixels": stats["things_percent"],
+             "smallest class %": f"{stats['smallest_class'][0]} {stats['smallest_class'][1]:.2f}",
+             "things % per image (p10 / p50 / p90)": f"{things['p10']:.1f} / {things['p50']:.1f} / {things['p90']:.1f}",
+             "images without things": stats["images_without_things"]}]
+    rows += [{"dataset": f"{name}, published ({classes} stuff)", "stuff % of pixels": stuff,
+              "things % of pixels": things} for name, classes, stuff, things in PUBLISHED_STUFF_SHARES]
+    return table(rows, auto_columns(rows, first=("dataset",)))
+
+
+def headline_sizing(data):
+    """How well the calibration split predicts the test split (bootstrap), and the size it would need."""
+    sizing = _headline(data).get("calibration_sizing")
+    return key_values(sizing) if sizing else "(no calibration sizing in this headline.json)"
+
+
+def stage2_curves(data):
+    """Each exit's validation mIoU at each stage-2 evaluation, and its gain over the last 20% of steps."""
+    curves = _headline(data).get("stage2_curves") or {}
+    rows = []
+    for eid, points in curves.items():
+        start = 0.8 * points[-1][0]
+        before = [m for step, m in points if step <= start]
+        row = {"exit": eid, **{f"step {step}": miou for step, miou in points}}
+        row["gain over the last 20% (pp)"] = points[-1][1] - before[-1] if before else None
+        rows.append(row)
+    return table(rows, auto_columns(rows, first=("exit",))) if rows else "(no stage-2 curves in this headline.json)"
+
+
+def stage2_speed(data):
+    """Stage 2 one way and another: training throughput, the store, memory, minutes to flat curves."""
+    return table(data["rows"], auto_columns(data["rows"], first=("way",)))
+
+
+def stage2_parts(data):
+    """The parts of a stage-2 step, each alone (median ms per batch)."""
+    rows = [{"part": k, "ms per batch": v} for k, v in data["parts_ms"].items()]
+    return table(rows, [Column("part", "part"), Column("ms per batch", "ms per batch", fixed(1))])
+
+
 def third_exit(data):
     """The exact 2-exit optimum against the best 3-exit configuration found in time."""
     return table(data["third_exit"], [
@@ -318,6 +363,14 @@ TABLES = {
     "headline-goals": Table("headline.json", headline_goals),
     "headline-ceilings": Table("headline.json", headline_ceilings),
     "headline-noise": Table("headline.json", headline_noise),
+    "headline-data": Table("headline.json", headline_data),
+    "headline-sizing": Table("headline.json", headline_sizing),
+    "stage2-curves": Table("headline.json", stage2_curves),
+    "stage2-speed": Table("stage2_speed.json", stage2_speed),
+    "stage2-parts": Table("stage2_speed.json", stage2_parts),
+    "things-headline": Table("headline_things.json", lambda d: headline_rows(d, README_HEADLINE_KEYS)),
+    "things-goals": Table("headline_things.json", headline_goals),
+    "things-ceilings": Table("headline_things.json", headline_ceilings),
     "third-exit": Table("headline.json", third_exit),
     "training-ablation": Table("headline.json", training_ablation),
     "latency-composition": Table("latency_model.json", composition),
