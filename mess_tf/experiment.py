@@ -337,22 +337,24 @@ class Experiment:
             self._import_shipped(p.shipped_baseline, "baseline", p.baseline_steps)
         runs[p.shipped_baseline + SAME_BUDGET_SUFFIX] = self.train(
             "baseline_same_budget", "baseline", self.same_budget_steps(), init_from=self.path("baseline"))
-        records = {}
-        for name, result in runs.items():
-            net, run_config = checkpoints.load_network(result.checkpoint)
-            shipped.round_weights(net.model)
-            record = {"command": f"python -m tools.train_demo_baseline --preset={self.preset.data}",
-                      "network": run_config["network"], "train": run_config["train"], "exits": [],
-                      "init_from": None if name == self.preset.shipped_baseline else self.preset.shipped_baseline,
-                      "data": self.data_stamp(), "metrics": result.metrics,
-                      "val_miou": self.split_miou(net, "val"), "test_miou": self.split_miou(net, "test"),
-                      "val_subset": {"images": SHIPPED_CHECK_IMAGES,
-                                     "miou": self.split_miou(net, "val", SHIPPED_CHECK_IMAGES)}}
-            shipped.save(shipped.folder(name), net.model, record)
-            self.progress(f"  wrote {shipped.folder(name)}: val mIoU {100 * record['val_miou']:.2f}, "
-                          f"test mIoU {100 * record['test_miou']:.2f}")
-            records[name] = record
-        return records
+        return {name: self.ship(name, result.run_dir) for name, result in runs.items()}
+
+    def ship(self, name, run):
+        """Writes the trained network of run folder <run> to trained/<name> (weights rounded as
+        stored, scored as stored, with its training record). Returns the record."""
+        net, run_config = checkpoints.load_network(run)
+        shipped.round_weights(net.model)
+        record = {"command": f"python -m tools.train_demo_baseline --preset={self.preset.data}",
+                  "network": run_config["network"], "train": run_config["train"], "exits": [],
+                  "init_from": None if name == self.preset.shipped_baseline else self.preset.shipped_baseline,
+                  "data": self.data_stamp(), "metrics": io_utils.read_json(os.path.join(run, training.METRICS)),
+                  "val_miou": self.split_miou(net, "val"), "test_miou": self.split_miou(net, "test"),
+                  "val_subset": {"images": SHIPPED_CHECK_IMAGES,
+                                 "miou": self.split_miou(net, "val", SHIPPED_CHECK_IMAGES)}}
+        shipped.save(shipped.folder(name), net.model, record)
+        self.progress(f"  wrote {shipped.folder(name)}: val mIoU {100 * record['val_miou']:.2f}, "
+                      f"test mIoU {100 * record['test_miou']:.2f}")
+        return record
 
     def split_miou(self, net, split, count=None):
         """Final-exit mIoU (fraction) of `net` on the first `count` images (default all) of a split."""
