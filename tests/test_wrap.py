@@ -6,9 +6,12 @@ ones. Both are trained briefly on a task they can learn (each pixel's class is w
 prototype colours its region has), so their class maps have real margins and int8 can be held to
 the float model's mIoU.
 """
+import json
 import os
+import re
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -194,6 +197,46 @@ def test_stage_two_trains_the_exits_of_a_wrap_run_and_calibrates(tmp_path):
     cache = calibration.calibrate_network(net, result.checkpoint, batches, [f"i{k}" for k in range(8)],
                                           np.linspace(0.5, 0.95, 3), policy.PolicyConfig())
     assert list(cache.exit_ids) == ["stage_a:fcn_w16_b0"] and cache.network_config["kind"] == "wrapped"
+
+
+def _evil_hdf5_model(path, marker):
+    """A model whose Lambda creates `marker` whenever Keras builds it, saved as HDF5 and named `path` (.keras)."""
+    image = keras.Input((32, 32, 3), name="image")
+    touched = layers.Lambda(lambda x, m=str(marker): (open(m, "w").close(), x)[1], name="side_effect")(image)
+    keras.Model(image, layers.Conv2D(2, 1, name="classifier")(touched)).save(str(path) + ".h5")
+    os.rename(str(path) + ".h5", path)
+    os.remove(marker)  # building it above ran the Lambda once
+
+
+def test_a_renamed_hdf5_model_is_refused_and_none_of_its_code_runs(tmp_path):
+    evil, marker = tmp_path / "evil.keras", tmp_path / "ran"
+    _evil_hdf5_model(evil, marker)
+    refusal = f"cannot load Keras model {evil}: it is an HDF5 (.h5) model, whose loader can run code stored in the file"
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        checkpoints.wrap_run(str(evil), ["classifier"], str(tmp_path / "run"))
+    wrapped = network.WrappedConfig(str(evil), ["classifier"], 2, (32, 32))  # a run config pointing at it
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        network.build(wrapped)  # what tools.train --init_from and every tool taking the run call
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_model_file_naming_a_module_outside_keras_is_refused_before_it_is_imported(tmp_path, monkeypatch):
+    (tmp_path / "planted.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    keras.utils.set_random_seed(0)
+    pooled_skip_model().save(str(tmp_path / "user.keras"))
+    with zipfile.ZipFile(tmp_path / "user.keras") as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(entries["config.json"])
+    config["module"] = "planted"  # where Keras is to find the model's class: it would import planted.py
+    entries["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(tmp_path / "planted.keras", "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    refusal = "it names ['planted.Functional'], outside Keras, which loading would import"
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        network.load_user_model(str(tmp_path / "planted.keras"))
+    assert not (tmp_path / "ran").exists() and "planted" not in sys.modules
 
 
 def _cli(*flags, tool="wrap"):
