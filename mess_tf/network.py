@@ -150,6 +150,28 @@ def _named_classes(config):
             yield from _named_classes(value)
 
 
+def _check_user_model(model):
+    """Raises, saying what to change, unless `model` is one flat functional graph from images of a
+    fixed size [B, H, W, 3] to logits [B, h, w, classes]: exits, stages, MAC counts and int8
+    scales are all per layer and per input size."""
+    nested = [layer.name for layer in model.layers if isinstance(layer, keras.Model)]
+    if nested:
+        raise ValueError(f"model {model.name!r} calls the model(s) {nested} as one layer, so the layers inside (the "
+                         f"exit positions) are not in its graph; build it as one functional graph: "
+                         f"base = MobileNetV2(input_tensor=image, ...), then base.get_layer(NAME).output, not "
+                         f"base(image) (the README's 'What the tools refuse' has it in two lines)")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError(f"model {model.name!r} has {len(model.inputs)} input(s) and {len(model.outputs)} output(s); "
+                         f"expected one input, the images [B, H, W, 3], and one output, the logits [B, h, w, classes]")
+    image, logits = tuple(model.input.shape[1:]), tuple(model.output.shape[1:])
+    if len(image) != 3 or None in image or image[2] != 3:
+        raise ValueError(f"model {model.name!r} takes input of shape {image}; expected RGB images of a fixed size "
+                         f"(H, W, 3): build it on keras.Input((H, W, 3))")
+    if len(logits) != 3 or None in logits:
+        raise ValueError(f"model {model.name!r} returns shape {logits}; expected logits (h, w, classes) of a fixed "
+                         f"size")
+
+
 def build(config, exits=()):
     """The MultiExitNetwork of a NetworkConfig (built here) or a WrappedConfig (the user's model,
     loaded from its file), with `exits` attached."""
@@ -207,7 +229,11 @@ class MultiExitNetwork:
           position_names: names of its layers that are candidate exit positions.
           exits: exit ids or (position, ExitHeadConfig) pairs, as for the constructor.
           model_path: the .keras file `model` was loaded from, recorded in the WrappedConfig.
+
+        Raises:
+          ValueError saying what to change, for a model that cannot be cut into stages.
         """
+        _check_user_model(model)
         final = model.output
         if tuple(final.shape[1:3]) != tuple(model.input.shape[1:3]):
             final = keras.layers.Resizing(*model.input.shape[1:3], interpolation="bilinear", name="final_upsample")(final)

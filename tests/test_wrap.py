@@ -239,6 +239,52 @@ def test_a_model_file_naming_a_module_outside_keras_is_refused_before_it_is_impo
     assert not (tmp_path / "ran").exists() and "planted" not in sys.modules
 
 
+def test_wrap_never_writes_into_a_folder_that_is_not_empty(tmp_path):
+    keras.utils.set_random_seed(0)
+    pooled_skip_model().save(str(tmp_path / "user.keras"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text("{}")  # an earlier run's, with its checkpoints
+    (run / "ckpt-100.index").write_bytes(b"index")
+    with pytest.raises(ValueError, match=re.escape(f"{run} is not empty (it holds ckpt-100.index, run_config.json): "
+                                                   f"wrap writes a new run folder and never replaces one")):
+        checkpoints.wrap_run(str(tmp_path / "user.keras"), ["stage_a", "stage_b"], str(run))
+    assert sorted(os.listdir(run)) == ["ckpt-100.index", "run_config.json"]
+    assert (run / "run_config.json").read_text() == "{}"
+
+
+def _deeplab(nested):
+    """A user's DeepLab-like model on a MobileNetV2, called as one layer (nested) or built into one graph."""
+    image = keras.Input((32, 32, 3), name="image")
+    if nested:
+        base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, include_top=False, weights=None)
+        features = base(image)
+    else:  # the README's two lines
+        base = keras.applications.MobileNetV2(input_tensor=image, alpha=0.35, include_top=False, weights=None)
+        features = base.get_layer("block_5_add").output
+    return keras.Model(image, layers.Conv2D(3, 1, name="classifier")(features), name="user_deeplab")
+
+
+def test_models_wrap_cannot_cut_are_refused_saying_what_to_do():
+    flat = network.MultiExitNetwork.wrap(_deeplab(nested=False), ["block_2_add", "block_5_add"])
+    assert [p.name for p in flat.backbone.positions] == ["block_2_add", "block_5_add"]
+    image = keras.Input((32, 32, 3))
+    conv = layers.Conv2D(3, 1, name="classifier")
+    any_size = keras.Input((None, None, 3))
+    grey = keras.Input((32, 32, 1))
+    for model, positions, message in [
+            (_deeplab(nested=True), ["block_2_add"], "calls the model(s) ['mobilenetv2_0.35_32'] as one layer, so "
+                                                     "the layers inside (the exit positions) are not in its graph; "
+                                                     "build it as one functional graph"),
+            (keras.Model(any_size, conv(any_size)), ["classifier"], "takes input of shape (None, None, 3); expected "
+                                                                    "RGB images of a fixed size (H, W, 3)"),
+            (keras.Model(grey, layers.Conv2D(3, 1)(grey)), ["classifier"], "takes input of shape (32, 32, 1)"),
+            (keras.Model(image, [conv(image), layers.Conv2D(3, 1)(image)]), ["classifier"],
+             "has 1 input(s) and 2 output(s); expected one input")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            network.MultiExitNetwork.wrap(model, positions)
+
+
 def _cli(*flags, tool="wrap"):
     result = subprocess.run([sys.executable, "-m", f"tools.{tool}", *flags], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
@@ -268,13 +314,13 @@ def test_wrap_cli_writes_a_run_and_refuses_bad_input_in_one_line(tmp_path):
     assert code == 2 and stderr.strip().splitlines()[-1] == (
         "error: the deployment config was made for another network than the one exported (config -> network: "
         "num_classes: 5 -> 4; position_names: ['stage_a'] -> ['stage_a', 'stage_b', 'stage_c'])")
-    for flags, message in [
+    for k, (flags, message) in enumerate([
             (["--positions=stage_a,nowhere"], "layers ['nowhere'] are not in model 'pooled_skip'"),
             (["--positions=stage_a,stem"], None),  # order does not matter: both lie on every path
             (["--positions=skip_pool,stage_c"], "positions ['skip_pool'] of model 'pooled_skip' are bypassed"),
             (["--positions=stage_a", "--class_names=a,b"], "2 class names given; "),
-    ]:
-        code, _, stderr = _cli(f"--model={tmp_path / 'user.keras'}", *flags, f"--output_dir={tmp_path / 'other'}")
+    ]):
+        code, _, stderr = _cli(f"--model={tmp_path / 'user.keras'}", *flags, f"--output_dir={tmp_path / f'other{k}'}")
         if message is None:
             assert code == 0, stderr
             continue
@@ -282,3 +328,9 @@ def test_wrap_cli_writes_a_run_and_refuses_bad_input_in_one_line(tmp_path):
     (tmp_path / "notes.keras").write_text("not a zip")
     code, _, stderr = _cli(f"--model={tmp_path / 'notes.keras'}", "--positions=a", f"--output_dir={tmp_path / 'x'}")
     assert code == 2 and stderr.splitlines()[-1].startswith(f"error: cannot load Keras model {tmp_path / 'notes.keras'}")
+    _deeplab(nested=True).save(str(tmp_path / "nested.keras"))
+    code, _, stderr = _cli(f"--model={tmp_path / 'nested.keras'}", "--positions=block_2_add",
+                           f"--output_dir={tmp_path / 'nested'}")
+    assert code == 2 and "Traceback" not in stderr and stderr.splitlines()[-1].endswith(
+        "not base(image) (the README's 'What the tools refuse' has it in two lines)")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "nested").exists()
