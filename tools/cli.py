@@ -55,3 +55,13 @@ def free_space(path):
             break
         free /= 1000
     return f"{free:.0f} bytes" if unit == "bytes" else f"{free:.1f} {unit}"
+
+
+def float_list(name):
+    """The numbers of the list flag --`name`; a ValueError naming the flag for anything else."""
+    values = flags.FLAGS[name].value
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--{name}={','.join(values)}: expected comma-separated numbers, e.g. "
+                         f"--{name}=0.6,0.8") from None
