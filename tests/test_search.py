@@ -1,5 +1,9 @@
 """Deployment search: cache arithmetic equals running the policy, fast search equals brute force."""
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -210,19 +214,33 @@ def test_a_time_limit_keeps_the_best_found_flagged_as_not_proven(synthetic, work
     assert deepened.best.expected_cost == pytest.approx(exact.best.expected_cost, abs=1e-12)
 
 
-def test_cli_writes_config_report_and_plot(synthetic, tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    # A policy other than the default: the chosen configuration must carry it to tools.export.
-    cache = dataclasses.replace(synthetic[0], policy=policy.PolicyConfig("entropy", confidence_stride=8))
+def _search_command(cache, tmp_path):
+    """The tools.search command line searching `cache` with the costs of COSTS in MACs, into tmp_path/out."""
     cache.save(str(tmp_path / "cache.npz"))
     costs = {"unit": "MACs", "positions": list(POSITIONS), "segment": COSTS.segment, "head": COSTS.head,
              "final_head": COSTS.final_head}
     (tmp_path / "macs.json").write_text(json.dumps(costs))
-    base = [sys.executable, "-m", "tools.search", f"--cache={tmp_path / 'cache.npz'}", f"--macs={tmp_path / 'macs.json'}",
-            f"--th_img={','.join(map(str, TH_IMG))}", "--workers=1", f"--output_dir={tmp_path / 'out'}"]
+    return [sys.executable, "-m", "tools.search", f"--cache={tmp_path / 'cache.npz'}",
+            f"--macs={tmp_path / 'macs.json'}", f"--th_img={','.join(map(str, TH_IMG))}", "--workers=1",
+            f"--output_dir={tmp_path / 'out'}"]
+
+
+def test_cli_writes_its_outputs_together_or_none_and_names_a_bad_threshold_flag(synthetic, tmp_path):
+    base = _search_command(synthetic[0], tmp_path)
+    (tmp_path / "out" / "pareto.png").mkdir(parents=True)  # a folder where the plot must go
+    failed = subprocess.run(base + ["--objective=min_latency", "--max_drop_pp=1"], capture_output=True, text=True)
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write {tmp_path / 'out' / 'pareto.png'}: a folder stands where this file must go")
+    assert os.listdir(tmp_path / "out") == ["pareto.png"]  # no CONFIG.json or report.json without their plot
+    bad = subprocess.run(base + ["--th_img=0.5,abc"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+        "error: --th_img=0.5,abc: expected comma-separated numbers, e.g. --th_img=0.6,0.8")
+
+
+def test_cli_writes_config_report_and_plot(synthetic, tmp_path):
+    # A policy other than the default: the chosen configuration must carry it to tools.export.
+    cache = dataclasses.replace(synthetic[0], policy=policy.PolicyConfig("entropy", confidence_stride=8))
+    base = _search_command(cache, tmp_path)
     done = subprocess.run(base + ["--objective=min_latency", "--max_drop_pp=1"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "| chosen |" in done.stdout

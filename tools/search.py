@@ -90,10 +90,11 @@ def _progress(name):
 
 def main(argv):
     del argv
+    th_img_grid = cli.float_list("th_img")
     cache = calibration.CalibrationCache.load(FLAGS.cache)
     costs = load_costs(FLAGS.latency, FLAGS.macs, FLAGS.stat)
     objective, kwargs = _objective_args(costs.unit)
-    common = dict(costs=costs, th_img_grid=[float(t) for t in FLAGS.th_img], mode=FLAGS.mode,
+    common = dict(costs=costs, th_img_grid=th_img_grid, mode=FLAGS.mode,
                   max_exits=FLAGS.max_exits, allowed_exits=FLAGS.exits, workers=FLAGS.workers,
                   time_limit_s=FLAGS.time_limit_s)
     chosen = search.search(cache, objective=objective, **kwargs, **common, progress=_progress(objective))
@@ -117,18 +118,19 @@ def main(argv):
     config = best.deployment_config(cache.network_config, {
         "objective": FLAGS.objective, **kwargs, "cache": os.path.abspath(FLAGS.cache),
         "cache_fingerprint": cache.fingerprint, "calibration_split": cache.split})
-    config.save(os.path.join(out, "CONFIG.json"))
-    io_utils.write_json(os.path.join(out, "report.json"), {
-        "objective": FLAGS.objective, **kwargs, "mode": FLAGS.mode, "unit": costs.unit,
-        "space_size": chosen.space_size, "evaluated": chosen.evaluated, "complete": complete,
-        "exact_exits": exact_exits,
-        "seconds": chosen.seconds + front.seconds, "chosen": best.to_dict(), "final": chosen.final.to_dict(),
-        "pareto_front": [r.to_dict() for r in front.front]})
     points = [(r.expected_cost, 100 * r.miou) for r in front.front]
-    report.pareto_plot(os.path.join(out, "pareto.png"), points, points,
-                       markers=[("final exit (baseline)", chosen.final.expected_cost, 100 * chosen.final.miou),
-                                ("chosen", best.expected_cost, 100 * best.miou)],
-                       unit=costs.unit, title=f"mIoU vs expected cost ({FLAGS.mode}, calibration split)")
+    with io_utils.together():  # a CONFIG.json beside the report and plot of another search would mislead
+        config.save(os.path.join(out, "CONFIG.json"))
+        io_utils.write_json(os.path.join(out, "report.json"), {
+            "objective": FLAGS.objective, **kwargs, "mode": FLAGS.mode, "unit": costs.unit,
+            "space_size": chosen.space_size, "evaluated": chosen.evaluated, "complete": complete,
+            "exact_exits": exact_exits,
+            "seconds": chosen.seconds + front.seconds, "chosen": best.to_dict(), "final": chosen.final.to_dict(),
+            "pareto_front": [r.to_dict() for r in front.front]})
+        report.pareto_plot(os.path.join(out, "pareto.png"), points, points,
+                           markers=[("final exit (baseline)", chosen.final.expected_cost, 100 * chosen.final.miou),
+                                    ("chosen", best.expected_cost, 100 * best.miou)],
+                           unit=costs.unit, title=f"mIoU vs expected cost ({FLAGS.mode}, calibration split)")
     print(f"wrote {out}/CONFIG.json, report.json, pareto.png")
 
 
