@@ -83,6 +83,11 @@ class SearchResult:
     def exit_ids(self):
         return self.deployment_config().exit_ids
 
+    @property
+    def final_fraction(self):
+        """Fraction of images that reach the final exit (none in a budgeted early exit, which has none)."""
+        return self.exit_fractions[-1] if self.exit_ids[-1] == FINAL_EXIT else 0.0
+
     def deployment_config(self, network=None, metadata=None):
         """The DeploymentConfig to export, with the predicted figures and the policy they hold for
         in its metadata (export.export_staged_model bakes that policy into the model)."""

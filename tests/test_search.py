@@ -175,6 +175,12 @@ def test_a_latency_table_timed_under_another_policy_is_refused(synthetic):
         search.search(cache, timed_at_stride8, TH_IMG, "pareto", workers=1)
 
 
+def test_a_budgeted_early_exit_sends_no_image_to_the_final_exit(synthetic):
+    budgeted = search.evaluate(synthetic[0], COSTS, DeploymentConfig("budgeted", [ExitChoice("b1", "fcn_w0_b0")]))
+    final = search.evaluate(synthetic[0], COSTS, DeploymentConfig("budgeted"))
+    assert budgeted.exit_fractions == (1.0,) and budgeted.final_fraction == 0.0 and final.final_fraction == 1.0
+
+
 def test_allowed_exits_restrict_the_space(synthetic):
     cache = synthetic[0]
     allowed = [e for e in EXITS if e.endswith("w0_b0")]

@@ -80,7 +80,7 @@ def _objective_args(unit):
 def _row(name, r):
     return {"name": name, "exits": " > ".join(f"{e.exit_id}@{e.th_pix:.2f}/{e.th_img:.2f}" for e in r.exits) or "-",
             "miou": 100 * r.miou, "expected": r.expected_cost, "worst": r.worst_cost,
-            "final_fraction": r.exit_fractions[-1]}
+            "final_fraction": r.final_fraction}
 
 
 def _progress(name):
