@@ -2,13 +2,14 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from mess_tf import calibration, policy, search
+from mess_tf import backbones, calibration, cost_model, heads, network, policy, search
 from mess_tf.deployment import FINAL_EXIT, DeploymentConfig, ExitChoice
 from mess_tf.latency.costs import CostTable
 
@@ -173,6 +174,29 @@ def test_a_latency_table_timed_under_another_policy_is_refused(synthetic):
     with pytest.raises(ValueError, match="latency table timed the exit heads' confidence with policy .*"
                                          "'confidence_stride': 8.*profile again"):
         search.search(cache, timed_at_stride8, TH_IMG, "pareto", workers=1)
+
+
+def _identity(input_size, num_classes, alpha=0.35):
+    """cost_model.network_identity of a tiny MobileNetV2 DeepLab."""
+    config = network.NetworkConfig(backbones.BackboneConfig("mobilenet_v2", 16, alpha), num_classes,
+                                   (input_size, input_size), heads.FinalHeadConfig(filters=16))
+    return cost_model.network_identity(network.MultiExitNetwork(config))
+
+
+def test_a_latency_table_of_another_network_is_refused_naming_what_differs(synthetic):
+    cache = dataclasses.replace(synthetic[0], network_identity=_identity(64, CLASSES))
+    same = dataclasses.replace(COSTS, network_identity=_identity(64, CLASSES))
+    assert search.evaluate(cache, same, DeploymentConfig("dynamic")) == search.evaluate(
+        cache, COSTS, DeploymentConfig("dynamic"))
+    for table, differences in [
+            (_identity(128, CLASSES, alpha=0.5), "(input size: cache [64, 64], table [128, 128]; parts fingerprint"),
+            (_identity(64, 11), "(classes: cache 4, table 11; parts fingerprint"),
+            (_identity(64, CLASSES, alpha=0.5), "(parts fingerprint (backbone, width, final head): cache ")]:
+        with pytest.raises(ValueError, match=re.escape(differences)):
+            search.search(cache, dataclasses.replace(COSTS, network_identity=table), TH_IMG, "pareto", workers=1)
+    # A table written before tables recorded their network is still checked on its input size.
+    with pytest.raises(ValueError, match=re.escape("(input size: cache [64, 64], table [32, 32]): profile")):
+        search.search(cache, dataclasses.replace(COSTS, network_identity={"input_size": [32, 32]}), TH_IMG, "pareto")
 
 
 def test_a_budgeted_early_exit_sends_no_image_to_the_final_exit(synthetic):

@@ -197,6 +197,7 @@ def test_stage_two_trains_the_exits_of_a_wrap_run_and_calibrates(tmp_path):
     cache = calibration.calibrate_network(net, result.checkpoint, batches, [f"i{k}" for k in range(8)],
                                           np.linspace(0.5, 0.95, 3), policy.PolicyConfig())
     assert list(cache.exit_ids) == ["stage_a:fcn_w16_b0"] and cache.network_config["kind"] == "wrapped"
+    assert cache.network_identity == cost_model.network_identity(net)  # the search checks the table against it
 
 
 def _evil_hdf5_model(path, marker):

@@ -48,7 +48,11 @@ def load_costs(latency_path, macs_path, stat):
         raise ValueError("give exactly one of --latency (a latency table) or --macs (a MACs cost JSON)")
     if latency_path:
         from mess_tf.latency.table import LatencyTable  # noqa: PLC0415  (heavy; only when used)
-        return LatencyTable.load(latency_path).cost_table(stat)
+        table = LatencyTable.load(latency_path)
+        if table.network_identity is None:
+            print(f"note: {latency_path} was profiled before tables recorded their network; only its input size "
+                  f"is checked against the cache's (profile again to have the network checked)")
+        return table.cost_table(stat)
     d = io_utils.read_json(macs_path, "MACs cost file (--macs)")
     missing = [k for k in ("positions", "segment", "head", "final_head") if k not in d]
     if missing or d.get("unit", "MACs") != "MACs":
