@@ -122,7 +122,7 @@ def _check_keras_archive(path):
     """Raises unless `path` is a .keras zip archive whose config names only Keras' own classes."""
     with open(path, "rb") as f:
         is_hdf5 = f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
-    resave = "load it where you trust it and re-save it with model.save('x.keras')"
+    resave = "if you trust the file, load it yourself and re-save it with model.save('x.keras')"
     if is_hdf5:
         raise ValueError(f"cannot load Keras model {path}: it is an HDF5 (.h5) model, whose loader can run code "
                          f"stored in the file; {resave}")
