@@ -55,6 +55,9 @@ class Preset:
       stage1_exit_weight: loss weight of the early exit trained with the final one in stage 1.
       stage2_learning_rate: peak rate of stage 2, whose heads start from scratch on frozen
         features (default: learning_rate).
+      stored_views: stage 2 trains on this many stored views of every training image
+        (mess_tf/stored_views.py; 0: the direct path).
+      stage2_eval_every: stage-2 steps between validation evaluations of every exit (the curves).
     """
 
     data: str
@@ -79,6 +82,8 @@ class Preset:
     max_exits: int = 2
     stage1_exit_weight: float = 1.0
     stage2_learning_rate: float = None
+    stored_views: int = 4
+    stage2_eval_every: int = 0
 
 
 # From-scratch MobileNets learn slowly: AdamW at a high rate and a short batch-norm horizon are what
@@ -90,25 +95,33 @@ class Preset:
 PRESETS = {
     "quick": Preset("quick", backbones.BackboneConfig("mobilenet_v2", 16, 0.35),
                     heads.FinalHeadConfig("deeplabv3plus", 32, separable=True), 60, 30, 30, 8, (0.3, 0.6),
-                    ("fcn_w0_b0", "fcn_w32_b1"), 5, 4, precise_bn_batches=4),
+                    ("fcn_w0_b0", "fcn_w32_b1"), 5, 4, precise_bn_batches=4, stage2_eval_every=10),
     "scratch": Preset("scratch", backbones.BackboneConfig("mobilenet_v2", 16, 0.5),
                       heads.FinalHeadConfig("deeplabv3plus", 64, separable=True), 900, 400, 250, 16,
                       (0.15, 0.3, 0.5, 0.75), ("fcn_w0_b0", "fcn_w32_b1", "fcn_w64_b2_rd"), 30, 16),
     "default": Preset("default", backbones.BackboneConfig("efficientnet_lite0", 16, weights=backbones.IMAGENET),
-                      heads.FinalHeadConfig("deeplabv3plus", 128, separable=True), 1800, 180, 240, 16,
+                      heads.FinalHeadConfig("deeplabv3plus", 128, separable=True), 8000, 180, 2000, 16,
                       (0.14, 0.17, 0.26, 0.36), ("fcn_w32_b1", "fcn_w64_b2_rd", "aspp_w64_rd"), 30, 16,
-                      learning_rate=1e-3, crop_size=192, scale_range=(0.5, 1.5), eval_every=200,
-                      shipped_baseline="demo_efficientnet_lite0", stage1_exit_weight=0.2,
+                      learning_rate=1e-3, crop_size=192, scale_range=(0.5, 1.5), eval_every=500,
+                      shipped_baseline="scenes_efficientnet_lite0", stage1_exit_weight=0.2,
                       stage2_learning_rate=1e-2),
+    "things": Preset("things", backbones.BackboneConfig("efficientnet_lite0", 16, weights=backbones.IMAGENET),
+                     heads.FinalHeadConfig("deeplabv3plus", 128, separable=True), 1800, 180, 240, 16,
+                     (0.14, 0.17, 0.26, 0.36), ("fcn_w32_b1", "fcn_w64_b2_rd", "aspp_w64_rd"), 30, 16,
+                     learning_rate=1e-3, crop_size=192, scale_range=(0.5, 1.5), eval_every=200,
+                     shipped_baseline="things_efficientnet_lite0", stage1_exit_weight=0.2,
+                     stage2_learning_rate=1e-2),
 }
-# Requirements the search serves: (name, objective, mIoU drop allowed below the bar, in pp). The bar
-# is the same-budget baseline's mIoU; "baseline_cost" maximises mIoU at its latency instead.
+# Requirements the search serves: (name, objective, mIoU drop allowed below the MESS network's own
+# final exit, in pp); "baseline_cost" maximises mIoU at the same-budget baseline's latency instead.
 NO_LOSS_PP = headline.NO_LOSS_PP  # the no-loss requirement the search serves is the goal the headline checks
 REQUIREMENTS = (("no_loss", "min_cost", NO_LOSS_PP),
                 ("drop_1pp", "min_cost", 1.0),
                 ("baseline_cost", "max_miou", None))
 DEPLOYED = "int8"  # the precision that ships: the search reads its cache and its latency table
 BASELINES = ("baseline", "baseline_same_budget")
+MESS_FINAL = "mess_final"  # the MESS network's final exit alone: what "no loss" is measured against
+EVALUATION_COUNTS = "evaluation_counts.npz"  # per test image and model: TP, FP, FN per class (the intervals)
 # (training stage, precision, split) of each calibration cache: the MESS network as it ships and in
 # float (to show what calibrating the float network would predict), on the test split too (the
 # oracle and per-image predictions), and the same-budget baseline (the bar).
@@ -116,7 +129,7 @@ CACHES = (("stage2", DEPLOYED, "calibration"), ("stage2", "float32", "calibratio
           ("baseline_same_budget", DEPLOYED, "calibration"), ("baseline", DEPLOYED, "calibration"))
 SAME_BUDGET_SUFFIX = "_same_budget"
 SHIPPED_CHECK_IMAGES = 32  # validation images tests score a shipped network on
-STEPS = ("data", "baseline", "baseline_same_budget", "stage1", "stage2", "calibrate", "profile", "search", "export",
+STEPS = ("data", "baseline", "stage1", "stage2", "baseline_same_budget", "calibrate", "profile", "search", "export",
          "evaluate", "report")
 TH_PIX_GRID = np.linspace(0.5, 0.95, 10)
 TH_IMG_GRID = np.linspace(0.5, 0.95, 10)
@@ -168,7 +181,8 @@ class Experiment:
 
     def network_config(self):
         size = demo.PRESETS[self.preset.data].image_size
-        return network.NetworkConfig(self.preset.backbone, demo.INFO.num_classes, (size, size), self.preset.final_head)
+        return network.NetworkConfig(self.preset.backbone, demo.info(self.preset.data).num_classes, (size, size),
+                                     self.preset.final_head)
 
     def step_data(self):
         demo.generate(self.data_dir, preset=self.preset.data, seed=self.seed)
@@ -205,12 +219,19 @@ class Experiment:
                                             crop_size=None if crop == config.input_size else crop, **options)
 
         def report_progress(record):
-            miou = f" val mIoU {100 * record.miou['final']:.2f}" if record.miou else ""
+            if isinstance(record, training.StoreProgress):
+                self.progress(f"  {name} frozen pass {record.batches_done}/{record.batches} batches ({record.views} "
+                              f"views per image, {record.bytes / 1e9:.2f} GB) {record.images_per_s:.0f} img/s "
+                              f"ETA {record.eta_s:.0f} s")
+                return
+            exits = sorted(100 * v for k, v in (record.miou or {}).items() if k != FINAL_EXIT)
+            miou = (f" val mIoU {100 * record.miou[FINAL_EXIT]:.2f}" if record.miou else "") + (
+                f" (exits {exits[0]:.1f}-{exits[-1]:.1f})" if exits else "")
             self.progress(f"  {name} step {record.step}/{record.steps} loss {record.losses['total']:.3f}{miou} "
                           f"{record.images_per_s:.0f} img/s ETA {record.eta_s:.0f} s")
 
         return training.train(config, train_config, data, self.path(name), val_data=val, init_from=init_from,
-                              class_names=dataset.info.class_names,
+                              class_names=dataset.info.class_names, train_images=len(dataset.samples("train")),
                               progress=report_progress)
 
     def crop_size(self):
@@ -262,8 +283,11 @@ class Experiment:
                       f"test mIoU {100 * record['test_miou']:.2f}, {record['train']['steps']} steps)")
 
     def data_stamp(self):
-        """What identifies the demo data a network was trained on."""
-        return {"preset": self.preset.data, "seed": self.seed, "version": demo.VERSION}
+        """What identifies the demo data a network was trained and validated on: its kind,
+        generator version, seed, image size and the sizes of the train and val splits."""
+        data = demo.PRESETS[self.preset.data]
+        return {"kind": data.kind, "version": demo.KINDS[data.kind].VERSION, "seed": self.seed,
+                "image_size": data.image_size, "train": data.train, "val": data.val}
 
     def train_shipped(self):
         """Trains this preset's baseline and same-budget baseline (what tools.train_demo_baseline
@@ -309,8 +333,8 @@ class Experiment:
 
     def step_stage2(self):
         self.train("stage2", "stage2", self.preset.stage2_steps, init_from=self.path("stage1"),
-                   learning_rate=self.preset.stage2_learning_rate, positions=self.exit_positions(),
-                   heads=self.preset.exit_heads)
+                   eval_every=self.preset.stage2_eval_every, learning_rate=self.preset.stage2_learning_rate,
+                   positions=self.exit_positions(), heads=self.preset.exit_heads, stored_views=self.preset.stored_views)
 
     # -- calibration, latency, search ------------------------------------------------------------
 
@@ -398,14 +422,11 @@ class Experiment:
 
     def requirement(self, name):
         """(search objective, its keyword arguments) of a requirement of REQUIREMENTS: a bound on
-        the drop below the bar (the search bounds the drop from the MESS network's own final exit,
-        so the bar's gap to it is added), or the bar's latency as the budget."""
+        the drop below the MESS network's own final exit, or the bar's latency as the budget."""
         objective, drop_pp = {n: (o, d) for n, o, d in REQUIREMENTS}[name]
-        bar_miou, bar_cost = self.bar()
         if objective == "max_miou":
-            return objective, {"budget": bar_cost}
-        final = search.evaluate(self.cache(), self.cost_table(), DeploymentConfig("dynamic"))
-        return objective, {"max_drop_pp": max(0.0, 100 * (final.miou - bar_miou) + drop_pp)}
+            return objective, {"budget": self.bar()[1]}
+        return objective, {"max_drop_pp": drop_pp}
 
     def step_search(self):
         """One configuration per requirement, searched on the cache of the precision that ships."""
@@ -421,14 +442,16 @@ class Experiment:
                                     max_exits=self.preset.max_exits, **kwargs)
             config = outcome.best.deployment_config(cache.network_config, {"requirement": name})
             config.save(self.path("configs", f"{name}.json"))
-            self.progress(f"  {name}: predicted mIoU {100 * outcome.best.miou:.2f} (bar {100 * bar_miou:.2f}), "
-                          f"expected {outcome.best.expected_cost:.2f} ms (bar {bar_cost:.2f} ms)")
+            self.progress(f"  {name}: predicted mIoU {100 * outcome.best.miou:.2f} (its final exit "
+                          f"{100 * front.final.miou:.2f}, the bar {100 * bar_miou:.2f}), expected "
+                          f"{outcome.best.expected_cost:.2f} ms (the bar {bar_cost:.2f} ms)")
 
     # -- deployment and measurement --------------------------------------------------------------
 
     def deployments(self):
         """Name -> (training stage, DeploymentConfig) of every model the report compares."""
         out = {name: (name, DeploymentConfig("budgeted")) for name in BASELINES}
+        out[MESS_FINAL] = ("stage2", DeploymentConfig("budgeted"))
         for name, _, _ in REQUIREMENTS:
             out[name] = ("stage2", DeploymentConfig.load(self.path("configs", f"{name}.json")))
         return out
@@ -469,18 +492,20 @@ class Experiment:
         measured_as = {key: same for key, *_, same in self.models()}
         keys = [key for key, same in measured_as.items() if same == key]
         models = {k: runtime.StagedModel.load(self.model_path(k), num_threads=1) for k in keys}
-        matrices = {k: metrics.ConfusionMatrix(num_classes) for k in keys}
+        counts = {k: np.zeros((3, len(images), num_classes), np.int64) for k in keys}  # [TP/FP/FN, N, C]
         exits, times = {k: [] for k in keys}, {k: [] for k in keys}
         for i, k, result in runtime.in_turns(models, images):
-            matrices[k].update(result.class_map, labels[i])
+            counts[k][:, i] = metrics.ConfusionMatrix(num_classes).update(result.class_map, labels[i]).counts()
             exits[k].append(result.exit_id)
             times[k].append(result.total_ms)
+        io_utils.save_npz(self.path(EVALUATION_COUNTS), **{k: counts[v] for k, v in measured_as.items()})
         results = {}
         for k, source in measured_as.items():
-            ids, counts = np.unique(exits[source], return_counts=True)
-            results[k] = {"miou": matrices[source].miou(), "latency_ms": float(np.mean(times[source])),
+            ids, exit_counts = np.unique(exits[source], return_counts=True)
+            results[k] = {"miou": metrics.miou_from_counts(*counts[source].sum(1)),
+                          "latency_ms": float(np.mean(times[source])),
                           "latency_ms_median": float(np.median(times[source])),
-                          "exit_fractions": {i: float(c) / len(exits[source]) for i, c in zip(ids, counts)},
+                          "exit_fractions": {i: float(c) / len(exits[source]) for i, c in zip(ids, exit_counts)},
                           "exits": exits[source], "measured_as": source}
             self.progress(f"  {k}: test mIoU {100 * results[k]['miou']:.2f}, {results[k]['latency_ms']:.2f} ms/image"
                           + ("" if source == k else f" (the model of {source})"))
@@ -498,31 +523,56 @@ class Experiment:
         metrics = io_utils.read_json(self.path("baseline", training.METRICS), "training metrics")
         return [(c["step"], 100 * c["miou"]["final"]) for c in metrics.get("miou_curve", [])]
 
+    def stage2_curves(self):
+        """{exit id: [(step, validation mIoU in %)]} of stage 2's training; {} if not recorded."""
+        metrics = io_utils.read_json(self.path("stage2", training.METRICS), "training metrics")
+        curves = {}
+        for point in metrics.get("miou_curve", []):
+            for eid, miou in point["miou"].items():
+                if eid != FINAL_EXIT:
+                    curves.setdefault(eid, []).append((point["step"], 100 * miou))
+        return curves
+
+    def data_statistics(self):
+        """How the demo data's labelled pixels fall into stuff and things, and its difficulty mix
+        (mess_tf.data.demo.class_shares and summarize over every split)."""
+        records = demo.load_records(self.data_dir)
+        kind = demo.kind_module(self.preset.data)
+        return {"kind": demo.PRESETS[self.preset.data].kind, "images": len(records),
+                **demo.class_shares(records, kind.CLASS_NAMES, kind.THING_CLASSES), **demo.summarize(records)}
+
     def step_report(self):
         evaluation = io_utils.read_json(self.path("evaluation.json"), "evaluation")
+        counts = io_utils.read_npz(self.path(EVALUATION_COUNTS), "evaluation counts")
         costs, test_cache = self.cost_table(), self.cache(split="test")
-        rows = headline.rows(self, evaluation)
+        rows = headline.rows(self, evaluation, counts)
         oracle = headline.oracle(test_cache, costs)
-        goals = headline.goals(rows, oracle, self.baseline_curve())
+        curves = self.stage2_curves()
+        goals = headline.goals(rows, oracle, self.baseline_curve(), curves)
         ceilings = headline.ceilings(test_cache, costs)
-        noise = headline.noise_floor(self.cache("baseline_same_budget"), self.cache())
+        calibration = self.cache()
+        sizing = headline.calibration_sizing(np.stack([a[:, -1] for a in (calibration.tp, calibration.fp,
+                                                                             calibration.fn)]), counts[MESS_FINAL])
+        data = self.data_statistics()
         io_utils.write_json(self.path("report", "headline.json"),
-                            {"rows": rows, "goals": goals, "ceilings": ceilings, "oracle": oracle, "noise": noise})
-        self._plots(evaluation, costs)
+                            {"rows": rows, "goals": goals, "ceilings": ceilings, "oracle": oracle,
+                             "calibration_sizing": sizing, "stage2_curves": curves, "data": data})
+        self._plots(evaluation, costs, curves)
         shared = [f"{k} is the model of {v['measured_as']}" for k, v in evaluation.items() if v["measured_as"] != k]
         p = self.preset
         with io_utils.atomic_open(self.path("report", "summary.md")) as f:
             f.write(f"# MESS demo ({p.data} preset: {p.backbone.name}"
                     f"{' ImageNet-pretrained' if p.backbone.weights else ' from scratch'}, "
                     f"{p.final_head.kind}, {self.network_config().input_size[0]}x{self.network_config().input_size[1]})"
-                    f"\n\n{headline.summary_markdown(rows, goals, ceilings, oracle, DEPLOYED, noise)}\n\n"
+                    f"\n\n{headline.summary_markdown(rows, goals, ceilings, oracle, DEPLOYED, sizing)}\n\n"
                     + (f"Identical deployments are one model, measured once: {'; '.join(shared)}.\n\n" if shared else "")
                     + f"Training: baseline {p.baseline_steps} steps; the same-budget baseline and the MESS network "
                     f"start from it, the MESS network with stage 1 ({p.stage1_steps} steps) and stage 2 "
-                    f"({p.stage2_steps} steps), batch {p.batch_size}"
-                    f"{f', {p.crop_size}x{p.crop_size} crops' if p.crop_size else ''}.\n")
+                    f"({p.stage2_steps} steps on {p.stored_views} stored views of each training image), batch "
+                    f"{p.batch_size}{f', {p.crop_size}x{p.crop_size} crops' if p.crop_size else ''}.\n\n"
+                    f"{headline.data_markdown(data)}\n")
 
-    def _plots(self, evaluation, costs):
+    def _plots(self, evaluation, costs, stage2_curves):
         pareto = io_utils.read_json(self.path("search", "pareto.json"), "pareto front")
         front = [(r["expected_cost"], 100 * r["miou"]) for r in pareto["front"]]
         markers = [("MESS final exit (calibration)", pareto["final"]["expected_cost"], 100 * pareto["final"]["miou"]),
@@ -538,6 +588,9 @@ class Experiment:
         curve = self.baseline_curve()
         if curve:
             report.learning_curve_plot(self.path("report", "learning_curve.png"), {"baseline (validation)": curve})
+        if stage2_curves:
+            report.learning_curve_plot(self.path("report", "stage2_curves.png"), stage2_curves,
+                                       title="Stage 2: validation mIoU of every exit")
         self._examples()
 
     def _examples(self, count=4):

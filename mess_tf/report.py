@@ -113,14 +113,15 @@ def learning_curve_plot(path, curves, title="Validation mIoU while training"):
       curves: {label: [(step, mIoU %), ...]}.
     """
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    colours = plt.get_cmap("tab20" if len(curves) > 10 else "tab10")
     for i, (label, points) in enumerate(curves.items()):
         steps, values = zip(*points)
-        ax.plot(steps, values, marker="o", ms=3, color=f"C{i}", label=label)
+        ax.plot(steps, values, marker="o", ms=3, color=colours(i % colours.N), label=label)
     ax.set_xlabel("training step")
     ax.set_ylabel("mIoU (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right", ncol=1 + len(curves) // 7)
     _save(fig, path)
 
 

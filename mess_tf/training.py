@@ -23,6 +23,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import itertools
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from mess_tf import checkpoints, graph, heads, io_utils, losses, network, optimizers, run_lock
+from mess_tf import stored_views as stored_views_lib
 from mess_tf.deployment import FINAL_EXIT, exit_id
 from mess_tf.keras_lib import keras
 
@@ -40,6 +42,7 @@ STAGES = ("baseline", "stage1", "stage2", "joint")
 SCHEDULES = ("round_robin", "random")
 LIGHT_EXIT_HEAD = "fcn_w32_b0"  # stage 1's default exits: a 1x1 reduction and a classifier
 METRICS = "metrics.json"
+STORE_FLUSH_BATCHES = 20  # stored-view batches between flushes to disk: at most what a killed fill redoes
 # TrainConfig fields a resumed run may change: they affect reporting, not the weights.
 _REPORTING_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batches")
 
@@ -79,6 +82,11 @@ class TrainConfig:
       crop_size: (H, W) of the training crops in pixels, when smaller than the network's input
         size: the network is fully convolutional, so it trains on crops and is evaluated, saved
         and deployed at its input size; None = the input size.
+      stored_views: stage 2 only: K > 0 runs the frozen pass once over K views of every training
+        image and trains the heads on the stored outputs (mess_tf/stored_views.py); 0 runs it at
+        every step (the direct path, also the one for multi-worker strategies).
+      max_store_bytes: the most bytes the stored views may take (K is lowered to fit).
+      store_dtype: "float16" or "float32", how stored feature maps and logits are kept.
     """
 
     stage: str = "baseline"
@@ -109,6 +117,9 @@ class TrainConfig:
     eval_batches: int = 8
     precise_bn_batches: int = 0
     crop_size: tuple = None
+    stored_views: int = 0
+    max_store_bytes: int = stored_views_lib.DEFAULT_MAX_BYTES
+    store_dtype: str = "float16"
 
     def __post_init__(self):
         for name in ("exits", "positions", "heads"):
@@ -130,6 +141,10 @@ class TrainConfig:
             raise ValueError(f"bn_momentum={self.bn_momentum} must be in [0, 1)")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
+        if self.stored_views < 0 or (self.stored_views and self.stage != "stage2"):
+            raise ValueError(f"stored_views={self.stored_views}: stored views are for stage2 only, and K >= 0")
+        if self.store_dtype not in ("float16", "float32"):
+            raise ValueError(f"store_dtype={self.store_dtype!r}; expected 'float16' or 'float32'")
         if self.stage == "baseline" and (self.exits or self.positions or self.heads):
             raise ValueError("the baseline stage trains the single-exit network; do not give exits, positions or heads")
 
@@ -161,6 +176,26 @@ class Progress:
     images_per_s: float
     eta_s: float
     miou: dict = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreProgress:
+    """Progress of stage 2's frozen pass into its stored views (every few batches, and at the end).
+
+    Attributes:
+      batches_done, batches: stored batches so far and in all.
+      views: K, the views of each training image stored.
+      bytes: the store's size on disk when full.
+      images_per_s: frozen-pass throughput since the last record.
+      eta_s: estimated seconds to the end of the fill.
+    """
+
+    batches_done: int
+    batches: int
+    views: int
+    bytes: int
+    images_per_s: float
+    eta_s: float
 
 
 @dataclasses.dataclass
@@ -277,26 +312,45 @@ def _end_to_end_plan(model, config, exit_ids):
     return _Plan(lambda images: images, loss, model.trainable_variables)
 
 
-def _frozen_backbone_plan(net, config):
-    """Stage 2: a frozen (inference-mode) pass to every position and the final logits, then all
-    exit heads trained on those features."""
+def stage2_models(net):
+    """Stage 2's two halves, sharing `net`'s layers.
+
+    Returns:
+      (frozen, heads): `frozen` maps images [B, H, W, 3] to {position: features [B, h, w, c]} for
+      every exit's position, plus {FINAL_EXIT: the final exit's logits before their bilinear
+      upsampling [B, h', w', classes]}; `heads` maps that dict to {exit id: logits [B, H, W,
+      classes]} for every exit, plus {FINAL_EXIT: the final logits upsampled to [B, H, W, classes]}.
+      Chained, they compute what `net.model` computes.
+    """
     positions = list(dict.fromkeys(net.position_of(e).name for e in net.exit_ids))
-    frozen = keras.Model(net.image, {"features": {p: net.backbone.feature(p) for p in positions},
-                                     FINAL_EXIT: net.logits(FINAL_EXIT)}, name="frozen_backbone")
-    feature_inputs = {p: keras.Input(net.backbone.feature(p).shape[1:], name=p) for p in positions}
-    exit_heads = keras.Model(feature_inputs, graph.replay(
-        {e: net.logits(e) for e in net.exit_ids},
-        [(net.backbone.feature(p), feature_inputs[p]) for p in positions]), name="exit_heads")
+    coarse = net.coarse_logits(FINAL_EXIT)
+    frozen = keras.Model(net.image, {**{p: net.backbone.feature(p) for p in positions}, FINAL_EXIT: coarse},
+                         name="frozen_backbone")
+    inputs = {p: keras.Input(net.backbone.feature(p).shape[1:], name=p) for p in positions}
+    inputs[FINAL_EXIT] = keras.Input(coarse.shape[1:], name="final_coarse_logits")
+    outputs = graph.replay({e: net.logits(e) for e in net.exit_ids},
+                           [(net.backbone.feature(p), inputs[p]) for p in positions])
+    final = net.logits(FINAL_EXIT)
+    outputs[FINAL_EXIT] = inputs[FINAL_EXIT] if final is coarse else graph.producer(final)(inputs[FINAL_EXIT])
+    return frozen, keras.Model(inputs, outputs, name="exit_heads")
+
+
+def _frozen_backbone_plan(net, config, stored):
+    """Stage 2: a frozen (inference-mode) pass to every position and the final logits, then all
+    exit heads trained on those features. With `stored` views the frozen pass was run before
+    (mess_tf/stored_views.py) and a step receives its outputs instead of images."""
+    frozen, exit_heads = stage2_models(net)
     teacher_weight = config.distillation_weight if config.distillation else 0.0
 
     def loss(frozen_outputs, labels):
-        outputs = exit_heads(frozen_outputs["features"], training=True)
-        teacher = frozen_outputs[FINAL_EXIT]
+        outputs = exit_heads(frozen_outputs, training=True)
+        teacher = outputs[FINAL_EXIT]
         parts = {e: losses.exit_loss(labels, outputs[e], teacher, teacher_weight, config.temperature)[0]
                  for e in net.exit_ids}
         return tf.add_n(list(parts.values())), parts
 
-    return _Plan(lambda images: frozen(images, training=False), loss, exit_heads.trainable_variables)
+    prepare = (lambda inputs: inputs) if stored else (lambda images: frozen(images, training=False))
+    return _Plan(prepare, loss, exit_heads.trainable_variables)
 
 
 def _plans(net, config):
@@ -308,7 +362,7 @@ def _plans(net, config):
     if config.stage == "stage1":
         return [_end_to_end_plan(net.subset_model([e]), config, [e]) for e in net.exit_ids]
     if config.stage == "stage2":
-        return [_frozen_backbone_plan(net, config)]
+        return [_frozen_backbone_plan(net, config, stored=config.stored_views > 0)]
     return [_end_to_end_plan(net.model, config, net.exit_ids)]
 
 
@@ -359,6 +413,9 @@ def _is_chief(strategy):
 def _check_resumable(run_dir, run_config):
     """Raises if `run_dir` already holds a run whose config differs from `run_config`."""
     stored = checkpoints.read_run_config(run_dir)
+    # A field added to TrainConfig after the run was written has its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    stored = {**stored, "train": {**{k: v for k, v in defaults.items() if k not in stored["train"]}, **stored["train"]}}
     comparable = [{**c, "train": {k: v for k, v in c["train"].items() if k not in _REPORTING_FIELDS}}
                   for c in (stored, run_config)]
     for c in comparable:
@@ -395,7 +452,7 @@ def _write_scalar(tag, value):
 # -- the entry point ------------------------------------------------------------------------------
 
 def train(network_config, train_config, train_data, output_dir, val_data=None, init_from=None,
-          strategy=None, progress=None, class_names=None):
+          strategy=None, progress=None, class_names=None, train_images=None):
     """Trains one stage; resumes if `output_dir` already holds a checkpoint of the same run.
 
     The run folder is locked while the chief writes it (run_lock): a second process training
@@ -416,8 +473,10 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
       init_from: optional run directory or checkpoint to initialise from by layer name (e.g. a
         stage-1 run for stage 2); ignored when resuming.
       strategy: a tf.distribute.Strategy; default: the current (default) strategy.
-      progress: optional callable receiving a Progress record every `log_every` steps.
+      progress: optional callable receiving a Progress record every `log_every` steps (and, while
+        stage 2 stores its views, StoreProgress records).
       class_names: optional dataset class names, kept in run_config.json for the exported metadata.
+      train_images: images in one epoch of `train_data` (needed with train_config.stored_views).
 
     Returns:
       TrainResult.
@@ -432,16 +491,21 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
         if is_chief:
             _remove_leftovers(output_dir)
         return _train(network_config, train_config, train_data, output_dir, val_data, init_from, strategy, progress,
-                      class_names)
+                      class_names, train_images)
 
 
 def _train(network_config, train_config, train_data, output_dir, val_data, init_from, strategy, progress,
-           class_names):
+           class_names, train_images):
     """train(), in a run folder this process may write."""
     config = train_config
     if config.batch_size % strategy.num_replicas_in_sync:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
                          f"{strategy.num_replicas_in_sync} replicas")
+    if config.stored_views and (strategy.num_replicas_in_sync > 1 or getattr(strategy, "cluster_resolver", None)):
+        raise ValueError("stored views run under the default strategy only; train with stored_views=0 "
+                         "(--stored_views=0) under a multi-worker or multi-device strategy")
+    if config.stored_views and not train_images:
+        raise ValueError("stored_views needs train_images, the number of images in one epoch of train_data")
     if config.precise_bn_batches and strategy.num_replicas_in_sync > 1:
         raise ValueError("precise_bn_batches needs a single replica; set it to 0 under a multi-replica strategy")
     crop_config = dataclasses.replace(network_config, input_size=config.crop_size or network_config.input_size)
@@ -491,17 +555,27 @@ def _train(network_config, train_config, train_data, output_dir, val_data, init_
     save = _checkpoint_writer(checkpoint, output_dir, config.keep_checkpoints, strategy, is_chief)
     writer = tf.summary.create_file_writer(os.path.join(output_dir, "logs")) if is_chief \
         else tf.summary.create_noop_writer()
-    data = iter(strategy.experimental_distribute_dataset(train_data.skip(start)))
+    if config.stored_views:
+        store = _stored_views(net, config, train_data, train_images, output_dir, progress)
+        data = (store.batch(step, config.seed) for step in itertools.count(start + 1))
+    else:
+        data = iter(strategy.experimental_distribute_dataset(train_data.skip(start)))
     eval_every = config.eval_every or config.checkpoint_every
 
     # Crops train a network built at their size; evaluation runs at the input size, on a twin
     # network built there that gets the current weights (the layers and weights are the same).
     eval_net = net if crop_config == network_config or val_data is None else network.build(network_config, exits)
+    stored_val = []  # with stored views, the validation images' frozen outputs, computed once
 
     def run_eval(step):
         if eval_net is not net:
             eval_net.model.set_weights(net.model.get_weights())
-        result = evaluate(eval_net.model, val_data, network_config.num_classes, config.eval_batches)
+        if config.stored_views:
+            if not stored_val:
+                stored_val.extend(_frozen_outputs(eval_net, val_data, config.eval_batches))
+            result = evaluate(stored_val[0], stored_val[1:], network_config.num_classes)
+        else:
+            result = evaluate(eval_net.model, val_data, network_config.num_classes, config.eval_batches)
         curve.append({"step": step, "miou": result})
         if is_chief:  # kept beside the checkpoints, so a resumed run keeps the evaluations done
             io_utils.write_json(metrics_path + ".curve", curve)
@@ -556,6 +630,54 @@ def _train(network_config, train_config, train_data, output_dir, val_data, init_
     if is_chief:
         io_utils.write_json(metrics_path, metrics)
     return TrainResult(net, output_dir, last_checkpoint, metrics)
+
+
+def _stored_views(net, config, train_data, train_images, run_dir, progress):
+    """Stage 2's ViewStore for this run, filled (resuming an interrupted fill)."""
+    frozen, _ = stage2_models(net)
+    first_images, first_labels = next(iter(train_data.take(1)))
+    shapes = {name: tuple(value.shape[1:]) for name, value in frozen(first_images[:1], training=False).items()}
+    shapes[stored_views_lib.LABELS] = tuple(first_labels.shape[1:])
+    identity = {"frozen_weights": stored_views_lib.fingerprint(w.numpy() for w in frozen.weights),
+                "crop_size": list(first_images.shape[1:3]), "positions": sorted(set(shapes) - {FINAL_EXIT, stored_views_lib.LABELS}),
+                "stream": stored_views_lib.fingerprint([first_images.numpy(), first_labels.numpy()])}
+    folder = os.path.join(run_dir, stored_views_lib.FOLDER)
+    views = stored_views_lib.views_that_fit(config.stored_views, train_images, shapes, config.store_dtype,
+                                            config.max_store_bytes, folder)
+    spec = stored_views_lib.StoreSpec(views, train_images, config.batch_size, shapes, config.store_dtype, identity)
+    if spec.batches < 1:
+        raise ValueError(f"stored views: {views} view(s) of {train_images} images make no whole batch of "
+                         f"{config.batch_size}")
+    store = stored_views_lib.ViewStore.open(run_dir, spec, warn=logging.warning)
+    if store.complete:
+        return store
+    run_frozen = tf.function(lambda images: frozen(images, training=False))
+
+    def frozen_arrays(images):
+        return {k: v.numpy() for k, v in run_frozen(images).items()}
+
+    size = spec.rows * stored_views_lib.bytes_per_view(shapes, config.store_dtype)
+    clock = {"time": time.perf_counter(), "done": store.filled}
+
+    def report(done, total):
+        now = time.perf_counter()
+        rate = (done - clock["done"]) * config.batch_size / max(now - clock["time"], 1e-9)
+        clock.update(time=now, done=done)
+        if progress:
+            progress(StoreProgress(done, total, views, size, rate, (total - done) * config.batch_size / max(rate, 1e-9)))
+
+    store.fill(iter(train_data.skip(store.filled)), frozen_arrays, every=STORE_FLUSH_BATCHES, progress=report)
+    return store
+
+
+def _frozen_outputs(net, data, max_batches):
+    """[stage-2 heads model, (its inputs, labels) of each batch of `data`]: the evaluation
+    batches of `net` with its frozen pass already run."""
+    frozen, exit_heads = stage2_models(net)
+    run_frozen = tf.function(lambda images: frozen(images, training=False))
+    batches = data.take(max_batches) if max_batches else data
+    return [exit_heads] + [({k: v.numpy() for k, v in run_frozen(images).items()}, labels.numpy())
+                           for images, labels in batches]
 
 
 def _read_curve(path, start):

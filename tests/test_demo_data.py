@@ -6,11 +6,17 @@ import numpy as np
 import pytest
 
 from mess_tf.data import demo, files, pipeline, registry
+from mess_tf.data.demo import scenes
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return demo.generate(str(tmp_path_factory.mktemp("demo") / "data"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_things(tmp_path_factory):
+    return demo.generate(str(tmp_path_factory.mktemp("demo") / "things"), "tiny_things", seed=0)
 
 
 def _all_files(root):
@@ -30,7 +36,8 @@ def test_same_seed_same_bytes_other_seed_other_images(tiny, tmp_path):
 
 def test_layout_classes_and_splits(tiny):
     dataset = registry.get_dataset("demo", tiny)
-    assert dataset.info.num_classes == 11 and dataset.info.class_names[1] == "digit_0"
+    assert dataset.info.class_names == scenes.CLASS_NAMES and dataset.info.num_classes == 17
+    assert dataset.info.class_names[:7] == ("sky", "vegetation", "wall", "road", "terrain", "signage", "carpet")
     assert dataset.splits == ("calibration", "test", "train", "val")
     for split in demo.SPLITS:
         samples = dataset.samples(split)
@@ -38,12 +45,32 @@ def test_layout_classes_and_splits(tiny):
     good, problems = files.check_samples(dataset.samples("train"), dataset.info, image_size=(64, 64))
     assert len(good) == 48 and not problems
     labels = np.stack([files.load_label(s.label_path, dataset.info) for s in dataset.samples("train")])
-    assert set(np.unique(labels)) <= set(range(11)) and len(np.unique(labels)) == 11
+    assert set(np.unique(labels)) <= set(range(17)) and len(np.unique(labels)) == 17
     assert all(p.image_size % 32 == 0 for p in demo.PRESETS.values())
+    assert registry.get_dataset("demo", tiny).info.num_classes == demo.info("tiny").num_classes
 
 
-def test_difficulty_mix_is_recorded_and_spread(tiny):
-    records = demo.load_records(tiny)
+def test_scenes_are_mostly_stuff_with_every_class_present():
+    # What the scenes imitate (issue #22): stuff >= 60% of the pixels, things 10-35%, every class
+    # >= 0.5%, some images without things, difficulty spread. 300 images of the quick preset's size.
+    records = {f"train_{i}": {"split": "train", **demo.render_sample("train", i, "quick")[2]} for i in range(300)}
+    shares = demo.class_shares(records, scenes.CLASS_NAMES, scenes.THING_CLASSES)
+    assert shares["stuff_percent"] >= 60 and 10 <= shares["things_percent"] <= 35
+    assert shares["smallest_class"][1] >= 0.5 and set(shares["class_percent"]) == set(scenes.CLASS_NAMES)
+    summary = demo.summarize(records)
+    assert 0 < summary["images_without_things"] < 100 and max(summary["objects_per_image"]) >= 6
+    assert all(summary["difficulty"][k] >= 60 for k in ("easy", "medium", "hard"))
+    # Long-tailed thing sizes: many small digits, few large (median well below the mean).
+    heights = np.array([o["height_px"] for r in records.values() for o in r["object_list"]])
+    assert np.median(heights) < 0.85 * heights.mean()
+    hard = [r for r in records.values() if r["difficulty"] >= 2 / 3]
+    easy = [r for r in records.values() if r["difficulty"] < 1 / 3]
+    assert np.mean([r["objects"] for r in hard]) > np.mean([r["objects"] for r in easy]) + 2
+    assert np.mean([r["regions"] for r in hard]) > np.mean([r["regions"] for r in easy])
+
+
+def test_difficulty_mix_is_recorded_and_spread(tiny_things):
+    records = demo.load_records(tiny_things)
     assert len(records) == 96
     summary = demo.summarize(records)
     assert summary["images"] == 96 and sum(summary["objects_per_image"].values()) == 96
@@ -66,13 +93,22 @@ def test_generate_reuses_same_data_and_refuses_other(tiny, tmp_path):
     stamp = os.path.join(tiny, demo.STAMP_FILE)
     before = os.path.getmtime(stamp)
     assert demo.generate(tiny, "tiny", seed=0) == tiny and os.path.getmtime(stamp) == before
-    with pytest.raises(ValueError, match="already holds demo data with preset 'tiny', seed 0"):
+    with pytest.raises(ValueError, match=r"holds scenes data of generator version 1, preset 'tiny', seed 0; preset "
+                                         r"'tiny' with seed 5 is scenes data of version 1\. Regenerate it: rm -r .* && "
+                                         r"python -m tools\.make_demo_data --preset=tiny --seed=5 --out="):
         demo.generate(tiny, "tiny", seed=5)
+    # A folder written by the generator before the scenes existed (no kind, version 3 digits).
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / demo.STAMP_FILE).write_text('{"preset": "default", "seed": 0, "version": 3, "image_size": 384}')
+    with pytest.raises(ValueError, match=r"holds things data of generator version 3, preset 'default'.*"
+                                         r"python -m tools\.make_demo_data --preset=default --seed=0"):
+        demo.generate(str(old), "default", seed=0)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("user data")
     with pytest.raises(ValueError, match="is not a demo dataset folder"):
         demo.generate(str(tmp_path / "mine"), "tiny")
-    with pytest.raises(ValueError, match="unknown demo preset 'huge'"):
+    with pytest.raises(ValueError, match="unknown demo preset 'huge'; expected one of tiny, tiny_things, quick"):
         demo.generate(str(tmp_path / "x"), "huge")
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
 
@@ -90,7 +126,7 @@ def test_train_pipeline_is_deterministic_resumable_and_augmented(tiny):
     assert first[0][1].shape == (4, 32, 64) and first[0][1].dtype == np.uint8
     assert 0 <= min(x.min() for x, _ in first) and max(x.max() for x, _ in first) <= 255
     labels = np.concatenate([y for _, y in first])
-    assert 255 in labels and set(np.unique(labels)) <= set(range(11)) | {255}  # zoomed-out crops pad with ignore
+    assert 255 in labels and set(np.unique(labels)) <= set(range(17)) | {255}  # zoomed-out crops pad with ignore
     resumed = take(seed=3, skip=12, count=2)
     for (x, y), (rx, ry) in zip(first[12:], resumed):
         np.testing.assert_array_equal(x, rx)
@@ -117,7 +153,7 @@ def test_eval_pipeline_keeps_order_names_and_pixels(tiny):
     assert padded[0].shape == (2, 96, 128, 3)
     assert (padded[1][:, 64:] == 255).all() and (padded[1][:, :, 64:] == 255).all()
     resized = next(pipeline.eval_batches(samples, dataset.info, (32, 32), 1))
-    assert resized[1].shape == (1, 32, 32) and set(np.unique(resized[1])) <= set(range(11))
+    assert resized[1].shape == (1, 32, 32) and set(np.unique(resized[1])) <= set(range(17))
     with pytest.raises(ValueError, match="does not fit the evaluation size 32x32 with mode='pad'"):
         next(pipeline.eval_batches(samples, dataset.info, (32, 32), 1, mode="pad"))
     with pytest.raises(ValueError, match="evaluation size 48x64 must be positive multiples of 32"):

@@ -195,7 +195,7 @@ def test_calibrate_cli_in_int8_writes_the_cache_of_the_converted_parts(tmp_path)
 
     data_dir = demo.generate(str(tmp_path / "data"), "tiny", seed=0)
     keras.utils.set_random_seed(5)
-    net = network.MultiExitNetwork(tiny_config(num_classes=demo.INFO.num_classes), EXITS)
+    net = network.MultiExitNetwork(tiny_config(num_classes=demo.info("tiny").num_classes), EXITS)
     calibrate_batch_norm(net, images(8, seed=1))
     run = tmp_path / "run"
     checkpoints.write_run_config(str(run), {"network": net.config.to_dict(), "train": {}, "exits": list(EXITS),
@@ -216,7 +216,7 @@ def test_calibrate_cli_in_int8_writes_the_cache_of_the_converted_parts(tmp_path)
                                  policy_config=config, positions=positions, th_pix_grid=grid)
     expected = calibration.calibrate_parts(
         net, parts, checkpoints.resolve_checkpoint(str(run)),
-        pipeline.eval_batches(samples, demo.INFO, net.backbone.input_size, 8), [s.name for s in samples], grid,
+        pipeline.eval_batches(samples, demo.info("tiny"), net.backbone.input_size, 8), [s.name for s in samples], grid,
         config, positions=positions)
     for name in ("tp", "fp", "fn", "conf_frac"):
         np.testing.assert_array_equal(getattr(cached, name), getattr(expected, name))

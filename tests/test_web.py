@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from mess_tf import deployment, export, io_utils, network, runtime, shipped, web
+from mess_tf import deployment, experiment, export, io_utils, network, runtime, shipped, web
 from mess_tf.data import demo
 from mess_tf.keras_lib import keras, layers
 
@@ -34,7 +34,7 @@ def demo_net_with_exits():
     """The shipped demo network with EXITS attached (fresh heads, batch norms set on the
     calibration images; the backbone and final head as shipped)."""
     keras.utils.set_random_seed(0)
-    base, _ = shipped.load_network(shipped.folder("demo_efficientnet_lite0"))
+    base, _ = shipped.load_network(shipped.folder(experiment.PRESETS["default"].shipped_baseline))
     net = network.MultiExitNetwork(base.config, EXITS)
     shipped_layers = {layer.name: layer for layer in base.model.layers}
     for layer in net.model.layers:
@@ -86,7 +86,8 @@ def served(tmp_path_factory):
     for name, precision, integer_io in (("float32", "float32", "int8"), ("int8", "int8", "uint8"),
                                         ("int8_io", "int8", "int8")):
         path = root / f"{name}.tflite"
-        export.export_staged_model(path, net, config, precision, list(calibration), class_names=demo.CLASS_NAMES,
+        export.export_staged_model(path, net, config, precision, list(calibration),
+                                   class_names=demo.info("default").class_names,
                                    integer_io=integer_io)
         model = runtime.StagedModel.load(path)
         confidences = np.array([list(model.anytime(image))[-1].confidences for image in images.astype(np.float32)])
