@@ -12,10 +12,10 @@ import sys
 
 from absl import flags
 
+import mess_cli
 from android_bench import adb as adb_lib
 from android_bench import benchmark, farm
 from mess_tf.latency import table as table_lib
-from tools import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("adb", "adb", "adb executable (path or name on PATH).")
@@ -100,4 +100,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

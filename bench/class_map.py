@@ -23,10 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from mess_tf import calibration, checkpoints, cost_model, experiment, export, io_utils, policy, report, search  # noqa: E402
+import mess_cli  # noqa: E402
+from mess_tf import calibration, checkpoints, experiment, export, io_utils, policy, provenance, report, search  # noqa: E402
+from mess_tf.costs import model as cost_model  # noqa: E402
 from mess_tf.deployment import DeploymentConfig, ExitChoice  # noqa: E402
 from mess_tf.latency import host, table  # noqa: E402
-from tools import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", "runs/demo", "A finished demo run.")
@@ -104,8 +105,9 @@ def main(argv):
     os.makedirs(FLAGS.results_dir, exist_ok=True)
     with io_utils.atomic_open(os.path.join(FLAGS.results_dir, "class_map.md")) as f:
         f.write(markdown)
-    io_utils.write_json(os.path.join(FLAGS.results_dir, "class_map.json"), {"miou": rows, "latency_ms": latency_rows})
+    io_utils.write_json(os.path.join(FLAGS.results_dir, "class_map.json"),
+                        {"miou": rows, "latency_ms": latency_rows, "measured": provenance.measured_on()})
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

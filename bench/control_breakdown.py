@@ -38,13 +38,11 @@ import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import latency_model as bench  # noqa: E402  (same directory: the network, the models, the timing)
-from mess_tf import export, policy, runtime  # noqa: E402
+from mess_tf import export, policy, provenance, report, runtime  # noqa: E402
 from mess_tf.io_utils import write_json  # noqa: E402
 from mess_tf.keras_lib import keras, layers  # noqa: E402
-from mess_tf.latency import host  # noqa: E402
+from mess_tf.latency import host, reference  # noqa: E402
 
 TH_PIX = 0.7
 
@@ -55,10 +53,10 @@ TH_PIX = 0.7
 def signature_rows(net, exit_ids, config, calibration, folder, threads, rounds):
     """Per exit (and the final exit): static, summed direct signatures and runtime medians (ms)."""
     path = os.path.join(folder, "dynamic.tflite")
-    export.export_staged_model(path, net, config, bench.DEPLOYED, calibration)
-    statics = bench.static_models(net, exit_ids, bench.DEPLOYED, calibration)
+    export.export_staged_model(path, net, config, reference.DEPLOYED, calibration)
+    statics = reference.static_models(net, exit_ids, reference.DEPLOYED, calibration)
     model = runtime.StagedModel.load(path, num_threads=threads)
-    image = bench.random_images(1, net.config.input_size, seed=1)[0]
+    image = reference.random_images(1, net.config.input_size, seed=1)[0]
     # Every side pays for quantising the float image, as the runtime and the static calls do.
     calls, available = {"quantise image": lambda: model._image(image)}, {"image": model._image(image)}
     for k, stage in enumerate(model.stages):
@@ -75,9 +73,10 @@ def signature_rows(net, exit_ids, config, calibration, folder, threads, rounds):
     for k, names in enumerate(leaving):
         calls[f"in turn {k + 1}"] = lambda steps=[calls[n] for n in names]: [step() for step in steps]
     for k, static_bytes in enumerate(statics):
-        calls[f"static {k + 1}"] = bench.static_call(static_bytes, image, threads)
-        calls[f"runtime {k + 1}"] = lambda th_img=bench.forced_exit(k, len(exit_ids)): model.run(image, "dynamic", th_img)
-    ms = {name: timing.median_ms for name, timing in bench.alternate(calls, rounds).items()}
+        calls[f"static {k + 1}"] = reference.static_call(static_bytes, image, threads)
+        th_img = reference.forced_exit(k, len(exit_ids))
+        calls[f"runtime {k + 1}"] = lambda th_img=th_img: model.run(image, "dynamic", th_img)
+    ms = {name: timing.median_ms for name, timing in reference.alternate(calls, rounds).items()}
     rows = []
     for k, (eid, names) in enumerate(zip(model.exit_ids, leaving)):
         row = {"exit": eid, "static_ms": ms[f"static {k + 1}"], "stage_ms": ms[f"stage {k + 1}"],
@@ -125,15 +124,15 @@ def confidence_variants(stride):
 def confidence_rows(shape, stride, threads, rounds):
     """Median ms of each variant on logits of `shape` (H, W, C), float32 and int8."""
     rng = np.random.default_rng(0)
-    calibration = [rng.normal(0, 3, (1, *shape)).astype(np.float32) for _ in range(bench.CALIBRATION_IMAGES)]
+    calibration = [rng.normal(0, 3, (1, *shape)).astype(np.float32) for _ in range(reference.CALIBRATION_IMAGES)]
     rows = {name: {"variant": name} for name in confidence_variants(stride)}
-    for precision in bench.PRECISIONS:
+    for precision in reference.PRECISIONS:
         calls = {}
         for name, fn in confidence_variants(stride).items():
             logits = keras.Input(shape, batch_size=1)
             model = keras.Model(logits, layers.Lambda(fn)(logits))
             calls[name] = host.signature_calls(export.convert_model(model, precision, calibration), None, threads)
-        for name, timing in bench.alternate(calls, rounds).items():
+        for name, timing in reference.alternate(calls, rounds).items():
             rows[name][f"{precision}_ms"] = timing.median_ms
     return list(rows.values())
 
@@ -150,8 +149,8 @@ def main():
     args = parser.parse_args()
     size = (args.input_size,) * 2
     alpha = args.alpha or (0.5 if args.backbone.startswith("mobilenet") else 1.0)
-    net, exit_ids, configs = bench.mess_network(args.backbone, alpha, size)
-    calibration = bench.random_images(bench.CALIBRATION_IMAGES, size)
+    net, exit_ids, configs = reference.mess_network(args.backbone, alpha, size)
+    calibration = reference.random_images(reference.CALIBRATION_IMAGES, size)
     with tempfile.TemporaryDirectory() as folder:
         signatures = signature_rows(net, exit_ids, configs[f"dynamic x{len(exit_ids)}"], calibration, folder,
                                     args.threads, args.rounds)
@@ -159,27 +158,31 @@ def main():
     confidence = confidence_rows(shape, net.position_of(exit_ids[0]).stride, args.threads, args.rounds)
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                          f"control_breakdown_{args.backbone}.json")
-    write_json(output, {"network": net.config.to_dict(), "exits": exit_ids, "precision": bench.DEPLOYED,
+    write_json(output, {"network": net.config.to_dict(), "exits": exit_ids, "precision": reference.DEPLOYED,
                         "threads": args.threads, "rounds": args.rounds, "device": host.host_device(),
                         "runtime": host.runtime_version(), "signatures": signatures,
-                        "confidence_logits_shape": list(shape), "confidence": confidence})
-    print(bench.markdown(f"{args.backbone}: leaving at exit k ({bench.DEPLOYED}, median ms)",
-                         ["exit", "static", "stage k", "class map k", "signatures 1..k + map", "in turn", "runtime",
-                          "signatures +%", "in turn +%", "runtime +%"],
-                         [(r["exit"], f"{r['static_ms']:.3f}", f"{r['stage_ms']:.3f}",
-                           "-" if r["class_map_ms"] is None else f"{r['class_map_ms']:.3f}",
-                           f"{r['signatures_ms']:.3f}", f"{r['in_turn_ms']:.3f}", f"{r['runtime_ms']:.3f}",
-                           f"{100 * r['signatures_overhead']:.1f}", f"{100 * r['in_turn_overhead']:.1f}",
-                           f"{100 * r['runtime_overhead']:.1f}")
-                          for r in signatures]))
-    print(bench.markdown(f"In-graph confidence on {shape[0]}x{shape[1]}x{shape[2]} logits (median ms, one call "
-                         "including the interpreter's fixed cost)", ["variant", "float32", "int8"],
-                         [(r["variant"], f"{r['float32_ms']:.3f}", f"{r['int8_ms']:.3f}") for r in confidence]))
+                        "confidence_logits_shape": list(shape), "confidence": confidence,
+                        "measured": provenance.measured_on()})
+    print(report.markdown_section(
+        f"{args.backbone}: leaving at exit k ({reference.DEPLOYED}, median ms)",
+        ["exit", "static", "stage k", "class map k", "signatures 1..k + map", "in turn", "runtime",
+         "signatures +%", "in turn +%", "runtime +%"],
+        [(r["exit"], f"{r['static_ms']:.3f}", f"{r['stage_ms']:.3f}",
+          "-" if r["class_map_ms"] is None else f"{r['class_map_ms']:.3f}",
+          f"{r['signatures_ms']:.3f}", f"{r['in_turn_ms']:.3f}", f"{r['runtime_ms']:.3f}",
+          f"{100 * r['signatures_overhead']:.1f}", f"{100 * r['in_turn_overhead']:.1f}",
+          f"{100 * r['runtime_overhead']:.1f}")
+         for r in signatures]))
+    print(report.markdown_section(
+        f"In-graph confidence on {shape[0]}x{shape[1]}x{shape[2]} logits (median ms, one call including the "
+        "interpreter's fixed cost)", ["variant", "float32", "int8"],
+        [(r["variant"], f"{r['float32_ms']:.3f}", f"{r['int8_ms']:.3f}") for r in confidence]))
     print(f"\nwrote {output}")
     print(json.dumps({"runtime_overhead": {r["exit"]: r["runtime_overhead"] for r in signatures},
                       "in_turn_overhead": {r["exit"]: r["in_turn_overhead"] for r in signatures},
                       "signatures_overhead": {r["exit"]: r["signatures_overhead"] for r in signatures},
-                      "confidence_ms": next(r["int8_ms"] for r in confidence if r["variant"] == "edge_aware (library)")}))
+                      "confidence_ms": next(r["int8_ms"] for r in confidence
+                                            if r["variant"] == "edge_aware (library)")}))
 
 
 if __name__ == "__main__":

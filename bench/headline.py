@@ -7,9 +7,11 @@ side by side (models take turns image by image on the test split, int8 LiteRT, 1
     against the exact optimum with up to 2, for both searched objectives, on the run's int8
     calibration cache and latency table.
 
-  python bench/headline.py [--run_dir=runs/demo] [--preset=default] [--time_limit_s=120]
+  python bench/headline.py [--preset=default|things] [--run_dir=runs/demo] [--time_limit_s=120]
 
-Prints the demo's summary.md followed by the other tables and writes bench/results/headline.{md,json}.
+Prints the demo's summary.md followed by the other tables and writes bench/results/headline.{md,json}
+(headline_<preset>.{md,json} for another preset: `--preset=things`, in runs/things, the digit
+scenes, MESS's hard case).
 """
 import os
 import sys
@@ -18,11 +20,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
 
-from mess_tf import ablation, experiment, io_utils, report, search  # noqa: E402
-from tools import cli  # noqa: E402
+import mess_cli  # noqa: E402
+from mess_tf import ablation, experiment, io_utils, provenance, report, search  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("run_dir", "runs/demo", "The demo run to build on (its missing steps are run).")
+flags.DEFINE_string("run_dir", None, "The demo run to build on (its missing steps are run); default runs/demo for "
+                    "the default preset, runs/<preset> for the others.")
 flags.DEFINE_enum("preset", "default", sorted(experiment.PRESETS), "The demo preset of that run.")
 flags.DEFINE_integer("time_limit_s", 120, "Seconds the 3-exit search may take per objective.", lower_bound=1)
 flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
@@ -53,7 +56,8 @@ def third_exit(exp, time_limit_s):
 
 def main(argv):
     del argv
-    exp = experiment.Experiment(FLAGS.run_dir, FLAGS.preset, progress=lambda line: print(line, flush=True))
+    exp = experiment.Experiment(FLAGS.run_dir or experiment.default_run_dir(FLAGS.preset), FLAGS.preset,
+                                progress=lambda line: print(line, flush=True))
     headline = exp.run()
     third_rows, third_markdown = third_exit(exp, FLAGS.time_limit_s)
     ablation_rows, ablation_markdown = ablation.ablation(exp)
@@ -61,12 +65,14 @@ def main(argv):
         markdown = f"{f.read()}\n{third_markdown}\n{ablation_markdown}"
     print(markdown)
     os.makedirs(FLAGS.results_dir, exist_ok=True)
-    with io_utils.atomic_open(os.path.join(FLAGS.results_dir, "headline.md")) as f:
+    name = "headline" if FLAGS.preset == "default" else f"headline_{FLAGS.preset}"
+    with io_utils.atomic_open(os.path.join(FLAGS.results_dir, f"{name}.md")) as f:
         f.write(markdown)
-    io_utils.write_json(os.path.join(FLAGS.results_dir, "headline.json"),
+    io_utils.write_json(os.path.join(FLAGS.results_dir, f"{name}.json"),
                         {"preset": FLAGS.preset, "headline": headline, "third_exit": third_rows,
-                         "training_ablation": ablation_rows})
+                         "training_ablation": ablation_rows,
+                         "measured": provenance.measured_on()})
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

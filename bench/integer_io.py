@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from mess_tf import experiment, export, io_utils, metrics, runtime  # noqa: E402
+from mess_tf import experiment, export, io_utils, metrics, provenance, runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", "runs/demo", "A finished run of tools.demo (`make demo`).")
@@ -70,7 +70,8 @@ def main(argv):
               f"{r['ms_uint8_io']:.2f} | {r['ms_uint8_io'] / r['ms_int8_io']:.3f} | {r['images_other_exit']} / "
               f"{r['images_other_class_map']} / {r['images_other_confidence']} | {r['size_int8_io']} | "
               f"{r['size_uint8_io']} |")
-    io_utils.write_json(FLAGS.out, {"images": len(images), "rows": rows})
+    io_utils.write_json(FLAGS.out, {"images": len(images), "rows": rows,
+                                "measured": provenance.measured_on()})
     print(f"\nwrote {FLAGS.out}")
 
 

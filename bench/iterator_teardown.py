@@ -27,6 +27,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mess_tf.data import demo, pipeline, registry  # noqa: E402
+from mess_tf import provenance  # noqa: E402
 from mess_tf.io_utils import write_json  # noqa: E402
 
 SETTINGS = {"autotune on": True, "autotune off (library)": False}
@@ -91,7 +92,8 @@ def main():
         row["max_teardown_s"] = float(np.max(row["teardown_s"]))
         row["max_read_overrun_s"] = float(np.max(row["read_s"]) - args.seconds)  # one batch stuck mid-read
     write_json(args.output, {"seconds": args.seconds, "trials": args.trials, "batch": BATCH,
-                             "tensorflow": tf.__version__, "rows": list(rows.values())})
+                             "tensorflow": tf.__version__, "rows": list(rows.values()),
+                             "measured": provenance.measured_on()})
     print(f"\n| setting | stalls (> {STALL_S:g} s) | teardown median s | teardown max s | read overrun max s | "
           "stream alone batches/s |")
     print("|---|---|---|---|---|---|")

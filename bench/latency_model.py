@@ -1,15 +1,16 @@
 """Host latency model of the deployable MESS network: how well latency tables compose, and what
 staging, dynamic-exit control and int8 cost on this machine (LiteRT interpreter, XNNPACK).
 
-The network: a MobileNetV2 DeepLabV3 (random weights: latency does not depend on them) with three
-early exits `fcn_w32_b1` at the candidate positions nearest 25/50/75% of the backbone's MACs.
-int8 models are full-integer, calibrated on random images.
+The network (mess_tf.latency.reference): a MobileNetV2 DeepLabV3 (random weights: latency does not
+depend on them) with three early exits `fcn_w32_b1` at the candidate positions nearest 25/50/75% of
+the backbone's MACs. int8 models are full-integer, calibrated on random images.
 
   1. composition (int8): a LatencyTable of every part (export.convert_parts) composes each
      configuration's latency (CostTable.worst); the staged model of the configuration, every
-     stage run, is the measured side. Parts and staged models are timed in one alternation. Configurations: budgeted (truncated) at each exit; dynamic with the first 1, 2, 3
-     exits, run to the final exit (the worst case: the exits passed compute their confidence
-     but no class map; the table's head parts end at the confidence, its class-map parts are
+     stage run, is the measured side. Parts and staged models are timed in one alternation.
+     Configurations: budgeted (truncated) at each exit; dynamic with the first 1, 2, 3 exits,
+     run to the final exit (the worst case: the exits passed compute their confidence but no
+     class map; the table's head parts end at the confidence, its class-map parts are
      charged only where an image leaves).
   2. staging: the staged model of the 3-exit dynamic configuration (one signature per stage,
      every stage chained, every exit's class-map signature run) vs its unstaged model (one
@@ -47,61 +48,23 @@ import tempfile
 import time
 
 import numpy as np
-import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mess_tf import backbones, deployment, export, heads, network, policy, runtime  # noqa: E402
+from mess_tf import backbones, deployment, export, network, policy, provenance, report, runtime  # noqa: E402
 from mess_tf.io_utils import write_json  # noqa: E402
-from mess_tf.keras_lib import keras, layers  # noqa: E402
-from mess_tf.latency import host  # noqa: E402
+from mess_tf.keras_lib import keras  # noqa: E402
+from mess_tf.latency import host, reference  # noqa: E402
 from mess_tf.latency import table as table_lib  # noqa: E402
 
-EXIT_HEAD = "fcn_w32_b1"
-EXIT_DEPTHS = (0.25, 0.5, 0.75)  # fractions of the backbone's MACs
-NUM_CLASSES = 21
-CALIBRATION_IMAGES = 4
-WARMUP_RUNS = 25
-# Timed calls in a row per model and round. Each model's first call in a round finds its
-# weights evicted by the models timed before it; such cold calls made the sum of 24 part models
-# 25-30% slower than the staged models built from the same layers.
-BLOCK = 4
-# The deployed precision: composition, control and the headline staging overhead use it.
-DEPLOYED = "int8"
-PRECISIONS = ("float32", "int8")
-
-
 # -- timing ------------------------------------------------------------------------------------
-
-
-def alternate(calls, rounds):
-    """Times callables taking turns (host.alternate): a block of BLOCK timed calls of each, after
-    one untimed call, round after round, so that each is timed with its weights and buffers in
-    cache, as in an app segmenting frame after frame, while load from other processes hits all
-    alike.
-
-    Args:
-      calls: dict name -> callable taking no arguments.
-      rounds: timed rounds (after WARMUP_RUNS untimed calls of each).
-
-    Returns:
-      dict name -> table.Timing (ms per call).
-    """
-    config = host.HostTimingConfig(warmup_runs=WARMUP_RUNS, num_runs=rounds * BLOCK, block_runs=BLOCK)
-    return {name: table_lib.Timing.from_samples(t) for name, t in host.alternate(calls, config).items()}
-
-
-def interpreter(model, threads):
-    from ai_edge_litert.interpreter import Interpreter
-
-    return Interpreter(model_content=model, num_threads=threads)
 
 
 def chained(model, stages, threads):
     """A callable running every stage of one model in order on one image, each fed the feature
     maps earlier ones returned, and every early exit's class-map signature (what the app does
     for the anytime path). `stages`: export.Stage list."""
-    loaded = interpreter(model, threads)
+    loaded = reference.interpreter(model, threads)
     runners = [(s, loaded.get_signature_runner(s.signature),
                 s.class_map_signature and loaded.get_signature_runner(s.class_map_signature)) for s in stages]
     image = host.random_inputs(runners[0][1].get_input_details())
@@ -116,44 +79,6 @@ def chained(model, stages, threads):
     return run
 
 
-# -- the network and its configurations --------------------------------------------------------
-
-
-def network_config(backbone, alpha, size):
-    """A DeepLabV3 on `backbone` (output stride 16, random weights) at `size` (H, W) pixels."""
-    return network.NetworkConfig(backbones.BackboneConfig(backbone, 16, alpha, None), NUM_CLASSES, size,
-                                 heads.FinalHeadConfig(filters=256, separable=True))
-
-
-def mess_network(backbone, alpha, size):
-    """The benchmark's MESS network on `backbone` with EXIT_HEAD exits at EXIT_DEPTHS ->
-    (MultiExitNetwork, exit ids, configurations(exit ids))."""
-    config = network_config(backbone, alpha, size)
-    exit_ids = [deployment.exit_id(p.name, EXIT_HEAD) for p in exit_positions(backbones.Backbone(config.backbone, size))]
-    return network.MultiExitNetwork(config, exit_ids), exit_ids, configurations(exit_ids)
-
-
-def exit_positions(backbone):
-    """The candidate positions nearest EXIT_DEPTHS of the backbone's MACs, in depth order."""
-    total = backbone.positions[-1].cumulative_macs
-    nearest = [min(backbone.positions, key=lambda p: abs(p.cumulative_macs / total - depth)) for depth in EXIT_DEPTHS]
-    if len({p.name for p in nearest}) != len(nearest):
-        raise ValueError(f"exit depths {EXIT_DEPTHS} map to repeated positions {[p.name for p in nearest]}")
-    return nearest
-
-
-def configurations(exit_ids):
-    """name -> DeploymentConfig: budgeted at each exit, dynamic with the first 1..N exits."""
-    choices = [deployment.ExitChoice(*e.split(":"), th_pix=0.9, th_img=0.9) for e in exit_ids]
-    configs = {f"budgeted@{k + 1}": deployment.DeploymentConfig("budgeted", [c]) for k, c in enumerate(choices)}
-    configs.update({f"dynamic x{k}": deployment.DeploymentConfig("dynamic", choices[:k])
-                    for k in range(1, len(choices) + 1)})
-    return configs
-
-
-def random_images(count, size, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.uniform(0, 255, (*size, 3)).astype(np.float32) for _ in range(count)]
 
 
 # -- 1. composition ----------------------------------------------------------------------------
@@ -170,12 +95,12 @@ def composition(net, configs, precision, folder, calibration, threads, rounds):
     """
     parts = export.convert_parts(net, precision, calibration)
     calls = {key: host.signature_calls(model, None, threads) for key, model in parts.items()}
-    paths, stages = {}, {}
+    paths = {}
     for name, config in configs.items():
         paths[name] = os.path.join(folder, f"{name.replace(' ', '_').replace('@', '_')}_{precision}.tflite")
         metadata = export.export_staged_model(paths[name], net, config, precision, calibration)
         calls[name] = host.signature_calls(paths[name], [s["signature"] for s in metadata["stages"]], threads)
-    timings = alternate(calls, rounds)
+    timings = reference.alternate(calls, rounds)
     table = table_lib.LatencyTable(table_lib.TableKey(host.host_device(), precision, threads, net.config.input_size),
                                    [p.name for p in net.backbone.positions],
                                    metadata={"tool": "bench/latency_model.py", "notes": "random weights"})
@@ -191,7 +116,7 @@ def staging(net, config, precision, calibration, threads, rounds):
     """Size and latency of the staged model vs the unstaged model of `config` (every stage run)."""
     staged, stages = export.build_model(net, config, precision, calibration)
     unstaged, _ = export.build_model(net, config, precision, calibration, staged=False)
-    ms = alternate({"staged": chained(staged, stages, threads),
+    ms = reference.alternate({"staged": chained(staged, stages, threads),
                     "unstaged": host.signature_calls(unstaged, [export.FULL_SIGNATURE], threads)}, rounds)
     return {"precision": precision, "stages": len(stages), "staged_bytes": len(staged), "unstaged_bytes": len(unstaged),
             "staged_ms": ms["staged"].median_ms, "unstaged_ms": ms["unstaged"].median_ms,
@@ -202,37 +127,6 @@ def staging(net, config, precision, calibration, threads, rounds):
 # -- 3. dynamic-exit control overhead ----------------------------------------------------------
 
 
-def static_models(net, exit_ids, precision, calibration):
-    """Per exit k (and the final exit): a single-signature .tflite computing the layers a dynamic
-    image leaving at k runs, without confidences: the coarse logits of exits 1..k-1 and exit k's
-    class map.
-
-    Returns:
-      list of .tflite bytes aligned with exit_ids + ["final"].
-    """
-    argmax = layers.Lambda(lambda logits: tf.cast(tf.argmax(logits, axis=-1), tf.uint8))
-    models = []
-    for k, eid in enumerate(list(exit_ids) + [deployment.FINAL_EXIT]):
-        outputs = {f"coarse_logits_{i}": net.coarse_logits(e) for i, e in enumerate(exit_ids[:k])}
-        model = keras.Model(net.image, {**outputs, "class_map": argmax(net.logits(eid))})
-        models.append(export.convert_model(model, precision, [image[None] for image in calibration]))
-    return models
-
-
-def forced_exit(k, num_early_exits):
-    """th_img making a dynamic model leave at exit k (0-based; num_early_exits: the final one):
-    confidences lie in [0, 1], so threshold 0 always exits and +inf never does."""
-    return [0.0 if i == k else float("inf") for i in range(num_early_exits)]
-
-
-def static_call(model_bytes, image, threads):
-    """A callable running a single-signature model on a float image, quantised on the way in
-    as the runtime quantises it, so that both sides of a comparison pay the same for it."""
-    runner = interpreter(model_bytes, threads).get_signature_runner()
-    (input_name, detail), = runner.get_input_details().items()
-    return lambda: runner(**{input_name: runtime.quantise(image[None], detail)})
-
-
 def control(dynamic_paths, statics, exit_ids, input_size, threads, rounds):
     """Per exit k: the runtime running each dynamic staged model, forced to leave at k, vs the
     static model of the same layers, timed in alternation. All take the same float image and
@@ -240,22 +134,22 @@ def control(dynamic_paths, statics, exit_ids, input_size, threads, rounds):
 
     Args:
       dynamic_paths: dict policy name -> staged model path of the same configuration.
-      statics: static .tflite bytes per exit (static_models).
+      statics: static .tflite bytes per exit (reference.static_models).
 
     Returns:
       list of rows: exit, static_ms, and per policy `<policy>_ms` and `<policy>_overhead`.
     """
     dynamic = {name: runtime.StagedModel.load(path, num_threads=threads) for name, path in dynamic_paths.items()}
-    image = random_images(1, input_size, seed=1)[0]
+    image = reference.random_images(1, input_size, seed=1)[0]
     rows = []
     for k, (eid, static_bytes) in enumerate(zip(list(exit_ids) + [deployment.FINAL_EXIT], statics)):
-        th_img = forced_exit(k, len(exit_ids))
+        th_img = reference.forced_exit(k, len(exit_ids))
         for name, model in dynamic.items():
             if model.run(image, "dynamic", th_img).exit_index != k:
                 raise RuntimeError(f"{name}: thresholds {th_img} did not force exit {k}")
         calls = {name: lambda model=model: model.run(image, "dynamic", th_img) for name, model in dynamic.items()}
-        calls["static"] = static_call(static_bytes, image, threads)
-        ms = alternate(calls, rounds)
+        calls["static"] = reference.static_call(static_bytes, image, threads)
+        ms = reference.alternate(calls, rounds)
         row = {"exit": eid, "static_ms": ms["static"].median_ms}
         for name in dynamic:
             row[f"{name}_ms"] = ms[name].median_ms
@@ -278,9 +172,9 @@ def control_study(net, exit_ids, dynamic_config, calibration, folder, threads, r
     for name, policy_config in CONTROL_POLICIES.items():
         paths[name] = edge_aware_path if name == "edge_aware" else None
         if paths[name] is None:
-            paths[name] = os.path.join(folder, f"control_{net.config.backbone.name}_{name}_{DEPLOYED}.tflite")
-            export.export_staged_model(paths[name], net, dynamic_config, DEPLOYED, calibration, policy_config)
-    return control(paths, static_models(net, exit_ids, DEPLOYED, calibration), exit_ids,
+            paths[name] = os.path.join(folder, f"control_{net.config.backbone.name}_{name}_{reference.DEPLOYED}.tflite")
+            export.export_staged_model(paths[name], net, dynamic_config, reference.DEPLOYED, calibration, policy_config)
+    return control(paths, reference.static_models(net, exit_ids, reference.DEPLOYED, calibration), exit_ids,
                    net.config.input_size, threads, rounds)
 
 
@@ -295,29 +189,23 @@ def median_overhead(rows, policy_name):
 def backbone_precisions(input_size, threads, rounds):
     """float32 and int8 latency of each backbone's single-exit DeepLab network (output stride 16)."""
     rows = []
-    calibration = random_images(CALIBRATION_IMAGES, input_size, seed=2)
+    calibration = reference.random_images(reference.CALIBRATION_IMAGES, input_size, seed=2)
     for name in backbones.BACKBONES:
         keras.backend.clear_session()
-        model = network.MultiExitNetwork(network_config(name, 1.0, input_size)).single_exit_model()
+        model = network.MultiExitNetwork(reference.network_config(name, 1.0, input_size)).single_exit_model()
         calls = {}
-        for precision in PRECISIONS:
-            runner = interpreter(export.convert_model(model, precision, [im[None] for im in calibration]),
+        for precision in reference.PRECISIONS:
+            runner = reference.interpreter(export.convert_model(model, precision, [im[None] for im in calibration]),
                                  threads).get_signature_runner()
             inputs = host.random_inputs(runner.get_input_details())
             calls[precision] = lambda runner=runner, inputs=inputs: runner(**inputs)
-        ms = alternate(calls, rounds)
+        ms = reference.alternate(calls, rounds)
         rows.append({"backbone": name, "float32_ms": ms["float32"].median_ms, "int8_ms": ms["int8"].median_ms,
                      "int8_speedup": ms["float32"].median_ms / ms["int8"].median_ms})
     return rows
 
 
 # -- report ------------------------------------------------------------------------------------
-
-
-def markdown(title, header, rows):
-    lines = [f"\n### {title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def composition_row(check):
@@ -339,23 +227,24 @@ def main():
     args = parser.parse_args()
     started = time.time()
     size = (args.input_size,) * 2
-    net, exit_ids, configs = mess_network("mobilenet_v2", args.alpha, size)
+    net, exit_ids, configs = reference.mess_network("mobilenet_v2", args.alpha, size)
     dynamic_name = f"dynamic x{len(exit_ids)}"
-    calibration = random_images(CALIBRATION_IMAGES, size)
+    calibration = reference.random_images(reference.CALIBRATION_IMAGES, size)
     with tempfile.TemporaryDirectory() as folder:
-        table, paths, measured = composition(net, configs, DEPLOYED, folder, calibration, args.threads, args.rounds)
+        table, paths, measured = composition(net, configs, reference.DEPLOYED, folder, calibration, args.threads,
+                                             args.rounds)
         checks, median_error = host.composition_errors(table, measured)
         control_rows = {"mobilenet_v2": control_study(net, exit_ids, configs[dynamic_name], calibration, folder,
                                                       args.threads, args.rounds, paths[dynamic_name])}
         for name in args.control_backbones.split(","):
             if name and name != "mobilenet_v2":
-                other, other_exits, other_configs = mess_network(name, 1.0, size)
+                other, other_exits, other_configs = reference.mess_network(name, 1.0, size)
                 control_rows[name] = control_study(other, other_exits, other_configs[dynamic_name], calibration,
                                                    folder, args.threads, args.rounds)
     staging_rows = [staging(net, configs[dynamic_name], precision, calibration, args.threads, args.rounds)
-                    for precision in PRECISIONS]
+                    for precision in reference.PRECISIONS]
     backbone_rows = backbone_precisions((args.backbone_input_size,) * 2, args.threads, args.backbone_rounds)
-    deployed_staging = next(r for r in staging_rows if r["precision"] == DEPLOYED)
+    deployed_staging = next(r for r in staging_rows if r["precision"] == reference.DEPLOYED)
     summary = {
         "median_composition_error": median_error,
         "staging_size_overhead": deployed_staging["size_overhead"],
@@ -365,7 +254,8 @@ def main():
            for name, rows in control_rows.items() if name != "mobilenet_v2"},
     }
     results = {
-        "network": net.config.to_dict(), "exits": exit_ids, "precision": DEPLOYED, "threads": args.threads,
+        "measured": provenance.measured_on(),
+        "network": net.config.to_dict(), "exits": exit_ids, "precision": reference.DEPLOYED, "threads": args.threads,
         "rounds": args.rounds, "device": host.host_device(), "runtime": host.runtime_version(),
         "table": table.to_dict(),
         "composition": [dataclasses.asdict(c) | {"error": c.error} for c in checks],
@@ -376,29 +266,32 @@ def main():
     }
     write_json(args.output, results)
 
-    print(f"MobileNetV2 alpha={args.alpha} {size[0]}x{size[1]}, exits {exit_ids}, {DEPLOYED}, {args.threads} "
-          f"thread(s), {host.runtime_version()}, XNNPACK; {results['seconds']:.0f} s")
-    composition_header = ["measured model", "composed ms", "measured ms", "error %"]
-    print(markdown(f"Composition: latency table vs staged models, every stage run (median ms, {DEPLOYED})",
-                   composition_header, [composition_row(c) for c in checks]))
+    print(f"MobileNetV2 alpha={args.alpha} {size[0]}x{size[1]}, exits {exit_ids}, {reference.DEPLOYED}, "
+          f"{args.threads} thread(s), {host.runtime_version()}, XNNPACK; {results['seconds']:.0f} s")
+    deployed = reference.DEPLOYED
+    print(report.markdown_section(
+        f"Composition: latency table vs staged models, every stage run (median ms, {deployed})",
+        ["measured model", "composed ms", "measured ms", "error %"], [composition_row(c) for c in checks]))
     for name, rows in control_rows.items():
-        print(markdown(f"Dynamic control, {name}: runtime + {dynamic_name} staged model leaving at exit k vs a "
-                       f"static model of the same layers ({DEPLOYED}), per policy (CONTROL_POLICIES)",
-                       ["exit", "static ms"] + [f"{p} {unit}" for p in CONTROL_POLICIES for unit in ("ms", "+%")],
-                       [[r["exit"], f"{r['static_ms']:.2f}"]
-                        + [v for p in CONTROL_POLICIES for v in (f"{r[f'{p}_ms']:.2f}", f"{100 * r[f'{p}_overhead']:.1f}")]
-                        for r in rows]))
-    print(markdown(f"Staging: staged vs unstaged model, {dynamic_name}, every stage run",
-                   ["precision", "stages", "staged KB", "unstaged KB", "size +%", "staged ms", "unstaged ms",
-                    "latency +%"],
-                   [(r["precision"], r["stages"], f"{r['staged_bytes'] / 1024:.0f}", f"{r['unstaged_bytes'] / 1024:.0f}",
-                     f"{100 * r['size_overhead']:.2f}", f"{r['staged_ms']:.2f}", f"{r['unstaged_ms']:.2f}",
-                     f"{100 * r['latency_overhead']:.1f}") for r in staging_rows]))
-    print(markdown(f"float32 vs int8, single-exit DeepLab, {args.backbone_input_size}x{args.backbone_input_size}, "
-                   "output stride 16",
-                   ["backbone", "float32 ms", "int8 ms", "int8 speed-up"],
-                   [(r["backbone"], f"{r['float32_ms']:.2f}", f"{r['int8_ms']:.2f}", f"{r['int8_speedup']:.2f}x")
-                    for r in backbone_rows]))
+        print(report.markdown_section(
+            f"Dynamic control, {name}: runtime + {dynamic_name} staged model leaving at exit k vs a static model of "
+            f"the same layers ({deployed}), per policy (CONTROL_POLICIES)",
+            ["exit", "static ms"] + [f"{p} {unit}" for p in CONTROL_POLICIES for unit in ("ms", "+%")],
+            [[r["exit"], f"{r['static_ms']:.2f}"]
+             + [v for p in CONTROL_POLICIES for v in (f"{r[f'{p}_ms']:.2f}", f"{100 * r[f'{p}_overhead']:.1f}")]
+             for r in rows]))
+    print(report.markdown_section(
+        f"Staging: staged vs unstaged model, {dynamic_name}, every stage run",
+        ["precision", "stages", "staged KB", "unstaged KB", "size +%", "staged ms", "unstaged ms", "latency +%"],
+        [(r["precision"], r["stages"], f"{r['staged_bytes'] / 1024:.0f}", f"{r['unstaged_bytes'] / 1024:.0f}",
+          f"{100 * r['size_overhead']:.2f}", f"{r['staged_ms']:.2f}", f"{r['unstaged_ms']:.2f}",
+          f"{100 * r['latency_overhead']:.1f}") for r in staging_rows]))
+    size_label = f"{args.backbone_input_size}x{args.backbone_input_size}"
+    print(report.markdown_section(
+        f"float32 vs int8, single-exit DeepLab, {size_label}, output stride 16",
+        ["backbone", "float32 ms", "int8 ms", "int8 speed-up"],
+        [(r["backbone"], f"{r['float32_ms']:.2f}", f"{r['int8_ms']:.2f}", f"{r['int8_speedup']:.2f}x")
+         for r in backbone_rows]))
     print(f"\nwrote {args.output}")
     print(json.dumps(summary))
 

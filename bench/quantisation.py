@@ -27,9 +27,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
-from mess_tf import checkpoints, experiment, export, io_utils, metrics, network, qat, report, runtime, training  # noqa: E402
+import mess_cli  # noqa: E402
+from mess_tf import (checkpoints, experiment, export, io_utils, metrics, network, provenance, qat, report,  # noqa: E402
+                     runtime, training)
 from mess_tf.deployment import FINAL_EXIT, DeploymentConfig  # noqa: E402
-from tools import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", "runs/demo", "A demo run (its missing steps are run).")
@@ -118,8 +119,9 @@ def main(argv):
         f.write(markdown)
     io_utils.write_json(os.path.join(FLAGS.results_dir, "quantisation.json"),
                         {"exit": eid, "rows": table, "qat_steps": FLAGS.qat_steps, "qat_losses": losses,
-                         "dilated_float_layers": float_layers})
+                         "dilated_float_layers": float_layers,
+                         "measured": provenance.measured_on()})
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

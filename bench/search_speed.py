@@ -24,9 +24,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mess_tf import calibration, io_utils, policy, search  # noqa: E402
+from mess_tf import calibration, io_utils, policy, provenance, search  # noqa: E402
+from mess_tf.costs.table import CostTable  # noqa: E402
 from mess_tf.deployment import exit_id  # noqa: E402
-from mess_tf.latency.costs import CostTable  # noqa: E402
 
 # heads.default_head_space() ids, listed here so the benchmark does not import TensorFlow/Keras;
 # tests keep them honest only by eye: check against heads.default_head_space() when it changes.
@@ -107,7 +107,8 @@ def main():
     io_utils.write_json(args.output, {"space": {"positions": args.positions, "heads": len(HEADS),
                                                 "max_exits": args.max_exits, "th_grid": [10, 10],
                                                 "images": args.images, "classes": CLASSES},
-                                      "workers": args.workers, "time_limit_s": args.time_limit_s, "runs": rows, "total": total})
+                                      "workers": args.workers, "time_limit_s": args.time_limit_s, "runs": rows,
+                                      "total": total, "measured": provenance.measured_on()})
     print(json.dumps(total))
 
 

@@ -14,8 +14,8 @@ same parts into several tables with each method, the methods taking turns table 
 For every pair of tables of one method it takes each part's log ratio between the two, removes the
 pair's median (the machine being faster or slower overall), and reports the median and the largest
 deviation left, as percentages: how far one part's cost moves against the others between two runs.
-The parts are those of bench/latency_model.py's network (MobileNetV2, 3 exits, int8, random
-weights), timed by host.measure_parts itself.
+The parts are those of the latency studies' reference network (mess_tf.latency.reference:
+MobileNetV2, 3 exits, int8, random weights), timed by host.measure_parts itself.
 
     python bench/table_repeatability.py [--alpha=0.5 --input_size=160 --tables=6 --num_runs=50 --block_runs=5]
 
@@ -33,12 +33,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import latency_model as bench  # noqa: E402  (same directory: the network and its parts)
-from mess_tf import export  # noqa: E402
+from mess_tf import export, provenance, report  # noqa: E402
 from mess_tf.io_utils import write_json  # noqa: E402
-from mess_tf.latency import host  # noqa: E402
+from mess_tf.latency import host, reference  # noqa: E402
 from mess_tf.latency import table as table_lib  # noqa: E402
 
 
@@ -61,9 +59,9 @@ def main():
                                                           "table_repeatability.json"))
     args = parser.parse_args()
     size = (args.input_size,) * 2
-    net, _, _ = bench.mess_network("mobilenet_v2", args.alpha, size)
-    parts = export.convert_parts(net, bench.DEPLOYED, bench.random_images(bench.CALIBRATION_IMAGES, size))
-    key = table_lib.TableKey(host.host_device(), bench.DEPLOYED, 1, size)
+    net, _, _ = reference.mess_network("mobilenet_v2", args.alpha, size)
+    parts = export.convert_parts(net, reference.DEPLOYED, reference.random_images(reference.CALIBRATION_IMAGES, size))
+    key = table_lib.TableKey(host.host_device(), reference.DEPLOYED, 1, size)
     positions = [p.name for p in net.backbone.positions]
     methods = {"one after another": args.num_runs, "in turns": args.block_runs}
     tables = {name: [] for name in methods}
@@ -83,16 +81,17 @@ def main():
                      "max_deviation": float(np.median([p[1] for p in pairs])),
                      "worst_pair_max_deviation": float(max(p[1] for p in pairs)),
                      "seconds_per_table": float(np.median(seconds[name]))})
-    write_json(args.output, {"network": net.config.to_dict(), "parts": len(parts), "precision": bench.DEPLOYED,
+    write_json(args.output, {"network": net.config.to_dict(), "parts": len(parts), "precision": reference.DEPLOYED,
                              "tables": args.tables, "num_runs": args.num_runs, "device": host.host_device(),
-                             "runtime": host.runtime_version(), "rows": rows})
-    print(bench.markdown(f"{len(parts)} parts of MobileNetV2 {args.alpha} at {size[0]}x{size[1]}, {bench.DEPLOYED}, "
-                         f"{args.tables} tables per method, pairs of tables compared",
-                         ["method", "median deviation %", "max deviation % (median pair)", "max % (worst pair)",
-                          "s per table"],
-                         [(r["method"], f"{100 * r['median_deviation']:.2f}", f"{100 * r['max_deviation']:.2f}",
-                           f"{100 * r['worst_pair_max_deviation']:.2f}", f"{r['seconds_per_table']:.1f}")
-                          for r in rows]))
+                             "runtime": host.runtime_version(), "rows": rows,
+                             "measured": provenance.measured_on()})
+    print(report.markdown_section(
+        f"{len(parts)} parts of MobileNetV2 {args.alpha} at {size[0]}x{size[1]}, {reference.DEPLOYED}, "
+        f"{args.tables} tables per method, pairs of tables compared",
+        ["method", "median deviation %", "max deviation % (median pair)", "max % (worst pair)", "s per table"],
+        [(r["method"], f"{100 * r['median_deviation']:.2f}", f"{100 * r['max_deviation']:.2f}",
+          f"{100 * r['worst_pair_max_deviation']:.2f}", f"{r['seconds_per_table']:.1f}")
+         for r in rows]))
     print(f"\nwrote {args.output}")
     print(json.dumps({r["method"]: {k: r[k] for k in ("median_deviation", "max_deviation")} for r in rows}))
 

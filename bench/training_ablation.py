@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
 
-from mess_tf import ablation, experiment, io_utils  # noqa: E402
-from tools import cli  # noqa: E402
+import mess_cli  # noqa: E402
+from mess_tf import ablation, experiment, io_utils, provenance  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", "runs/demo", "The demo run to build on (its missing training steps are run).")
@@ -37,8 +37,9 @@ def main(argv):
         f.write(markdown)
     io_utils.write_json(os.path.join(FLAGS.results_dir, "training_ablation.json"),
                         {"rows": rows, "positions": exp.exit_positions(), "compared_head": exp.preset.exit_heads[-1],
-                         "preset": FLAGS.preset})
+                         "preset": FLAGS.preset,
+                         "measured": provenance.measured_on()})
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

@@ -19,7 +19,7 @@ from absl import app, flags
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mess_tf import export, io_utils, runtime, web  # noqa: E402
+from mess_tf import export, io_utils, provenance, runtime, web  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("models_dir", "runs/web", "Models exported for the page (tools.web / `make web`).")
@@ -85,7 +85,8 @@ def main(argv):
     for row in rows:
         print(f"| {row['model']} | {row['signature']} | {row['browser_ms']:.2f} | {row['litert_ms']:.2f} | "
               f"{row['ratio']:.2f}x |")
-    io_utils.write_json(FLAGS.out, {"image": image_name, "runs": FLAGS.runs, "rounds": FLAGS.rounds, "rows": rows})
+    io_utils.write_json(FLAGS.out, {"image": image_name, "runs": FLAGS.runs, "rounds": FLAGS.rounds, "rows": rows,
+                                    "measured": provenance.measured_on()})
     print(f"\nwrote {FLAGS.out}")
 
 

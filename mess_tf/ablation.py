@@ -22,7 +22,8 @@ def train_variants(exp):
     extra = exp.same_budget_steps()
     exits = dict(positions=exp.exit_positions(), heads=p.exit_heads)
     exp.train("ablation/stage2_no_distillation", "stage2", p.stage2_steps, init_from=exp.path("stage1"),
-              learning_rate=p.stage2_learning_rate, distillation=False, stored_views=p.stored_views, **exits)
+              learning_rate=p.stage2_learning_rate, distillation=False, stored_views=p.stored_views,
+              loss_stride=p.stage2_loss_stride, **exits)
     exp.train("ablation/joint", "joint", extra, init_from=exp.path("baseline"), **exits)
     return {"baseline": ("baseline", p.baseline_steps),
             "baseline, same budget": ("baseline_same_budget", p.baseline_steps + extra),

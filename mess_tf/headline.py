@@ -15,7 +15,8 @@ table, the configurations, the evaluation on the test split); nothing is re-meas
 """
 import numpy as np
 
-from mess_tf import cost_model, metrics, report, search
+from mess_tf import metrics, report, search
+from mess_tf.costs import model as cost_model
 from mess_tf.data import demo
 from mess_tf.deployment import FINAL_EXIT, DeploymentConfig, ExitChoice
 

@@ -16,7 +16,6 @@ import zipfile
 
 import numpy as np
 
-
 _TEMPORARY_SUFFIX = ".tmp"
 # The renames that together() holds back until its block ends: [(temporary file, path)].
 _held_back = contextvars.ContextVar("held_back", default=None)

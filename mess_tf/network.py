@@ -159,7 +159,7 @@ def _check_user_model(model):
         raise ValueError(f"model {model.name!r} calls the model(s) {nested} as one layer, so the layers inside (the "
                          f"exit positions) are not in its graph; build it as one functional graph: "
                          f"base = MobileNetV2(input_tensor=image, ...), then base.get_layer(NAME).output, not "
-                         f"base(image) (the README's 'What the tools refuse' has it in two lines)")
+                         f"base(image) (two lines in the README's quick start for your own model)")
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError(f"model {model.name!r} has {len(model.inputs)} input(s) and {len(model.outputs)} output(s); "
                          f"expected one input, the images [B, H, W, 3], and one output, the logits [B, h, w, classes]")

@@ -14,7 +14,6 @@ import numpy as np  # noqa: E402
 from mess_tf import io_utils  # noqa: E402
 
 
-
 def _save(fig, path):
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
@@ -35,6 +34,12 @@ def markdown_table(rows, columns, formats=None):
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(row, c) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def markdown_section(title, header, rows):
+    """A level-3 markdown title and, under it, a table of `rows` given as sequences of cells in
+    `header` order (already formatted; None shows as "-")."""
+    return f"\n### {title}\n\n" + markdown_table([dict(zip(header, row)) for row in rows], header)
 
 
 def pareto_plot(path, points, front, markers=(), unit="ms", title="mIoU vs latency"):

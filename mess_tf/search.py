@@ -675,7 +675,7 @@ def search(cache, costs, th_img_grid, objective, budget=None, max_drop_pp=None, 
 
     Args:
       cache: calibration.CalibrationCache.
-      costs: latency.costs.CostTable (ms or MACs) covering the cache's positions and exits.
+      costs: costs.table.CostTable (ms or MACs) covering the cache's positions and exits.
       th_img_grid: [T] image thresholds in [0, 1] (th_pix comes from the cache's grid).
       objective: "max_miou" (needs `budget`, on expected cost, in costs.unit), "min_cost"
         (needs `max_drop_pp`, mIoU percentage points below the final exit) or "pareto".

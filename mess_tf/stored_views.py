@@ -149,6 +149,22 @@ class ViewStore:
         store._write_header()
         return store
 
+    @classmethod
+    def load(cls, run_dir):
+        """The complete store of `run_dir`, read-only, as its header describes it.
+
+        Raises:
+          ValueError if `run_dir` holds no complete, readable store.
+        """
+        folder = os.path.join(run_dir, FOLDER)
+        header = io_utils.read_json(os.path.join(folder, HEADER), "stored views header")
+        spec = StoreSpec(**{**header["spec"], "shapes": {k: tuple(v) for k, v in header["spec"]["shapes"].items()}})
+        arrays = cls._map(folder, spec, "r")
+        if arrays is None or header["filled"] != spec.batches:
+            raise ValueError(f"{folder} holds no complete store of stage-2 views (filled {header['filled']} of "
+                             f"{spec.batches} batches, or a file is truncated)")
+        return cls(folder, spec, header["filled"], arrays)
+
     @staticmethod
     def _map(folder, spec, mode):
         """{name: memmap} of a store's files, or None if one is missing, foreign or truncated."""

@@ -87,6 +87,8 @@ class TrainConfig:
         every step (the direct path, also the one for multi-worker strategies).
       max_store_bytes: the most bytes the stored views may take (K is lowered to fit).
       store_dtype: "float16" or "float32", how stored feature maps and logits are kept.
+      loss_stride: stage 2 only: the exits' losses are computed at 1/loss_stride of the crop size
+        (1: full resolution; the largest part of a step on stored views, see bench/stage2_speed.py).
     """
 
     stage: str = "baseline"
@@ -120,6 +122,7 @@ class TrainConfig:
     stored_views: int = 0
     max_store_bytes: int = stored_views_lib.DEFAULT_MAX_BYTES
     store_dtype: str = "float16"
+    loss_stride: int = 1
 
     def __post_init__(self):
         for name in ("exits", "positions", "heads"):
@@ -143,6 +146,8 @@ class TrainConfig:
             raise ValueError(f"temperature={self.temperature} must be > 0")
         if self.stored_views < 0 or (self.stored_views and self.stage != "stage2"):
             raise ValueError(f"stored_views={self.stored_views}: stored views are for stage2 only, and K >= 0")
+        if self.loss_stride < 1 or (self.loss_stride > 1 and self.stage != "stage2"):
+            raise ValueError(f"loss_stride={self.loss_stride}: a stride above 1 is for stage2 only, and >= 1")
         if self.store_dtype not in ("float16", "float32"):
             raise ValueError(f"store_dtype={self.store_dtype!r}; expected 'float16' or 'float32'")
         if self.stage == "baseline" and (self.exits or self.positions or self.heads):
@@ -312,7 +317,7 @@ def _end_to_end_plan(model, config, exit_ids):
     return _Plan(lambda images: images, loss, model.trainable_variables)
 
 
-def stage2_models(net):
+def stage2_models(net, coarse=False):
     """Stage 2's two halves, sharing `net`'s layers.
 
     Returns:
@@ -320,34 +325,58 @@ def stage2_models(net):
       every exit's position, plus {FINAL_EXIT: the final exit's logits before their bilinear
       upsampling [B, h', w', classes]}; `heads` maps that dict to {exit id: logits [B, H, W,
       classes]} for every exit, plus {FINAL_EXIT: the final logits upsampled to [B, H, W, classes]}.
-      Chained, they compute what `net.model` computes.
+      Chained, they compute what `net.model` computes. With `coarse`, `heads` returns every exit's
+      and the final exit's logits before their upsampling instead.
     """
     positions = list(dict.fromkeys(net.position_of(e).name for e in net.exit_ids))
-    coarse = net.coarse_logits(FINAL_EXIT)
-    frozen = keras.Model(net.image, {**{p: net.backbone.feature(p) for p in positions}, FINAL_EXIT: coarse},
+    coarse_final = net.coarse_logits(FINAL_EXIT)
+    frozen = keras.Model(net.image, {**{p: net.backbone.feature(p) for p in positions}, FINAL_EXIT: coarse_final},
                          name="frozen_backbone")
     inputs = {p: keras.Input(net.backbone.feature(p).shape[1:], name=p) for p in positions}
-    inputs[FINAL_EXIT] = keras.Input(coarse.shape[1:], name="final_coarse_logits")
-    outputs = graph.replay({e: net.logits(e) for e in net.exit_ids},
-                           [(net.backbone.feature(p), inputs[p]) for p in positions])
+    inputs[FINAL_EXIT] = keras.Input(coarse_final.shape[1:], name="final_coarse_logits")
+    logits = net.coarse_logits if coarse else net.logits
+    outputs = graph.replay({e: logits(e) for e in net.exit_ids}, [(net.backbone.feature(p), inputs[p]) for p in positions])
     final = net.logits(FINAL_EXIT)
-    outputs[FINAL_EXIT] = inputs[FINAL_EXIT] if final is coarse else graph.producer(final)(inputs[FINAL_EXIT])
+    upsampled = coarse or final is coarse_final
+    outputs[FINAL_EXIT] = inputs[FINAL_EXIT] if upsampled else graph.producer(final)(inputs[FINAL_EXIT])
     return frozen, keras.Model(inputs, outputs, name="exit_heads")
+
+
+def stage2_loss(exit_ids, input_size, config):
+    """Stage 2's loss: loss(coarse outputs, labels) -> (total, {exit id: loss}).
+
+    Args:
+      exit_ids: the exits trained. input_size: (H, W) of the crops (pixels).
+      config: TrainConfig (distillation, its weight and temperature, loss_stride).
+
+    The loss takes {exit id or FINAL_EXIT: logits before their upsampling} and labels uint8
+    [B, H, W]: every exit's logits (and the teacher's) are upsampled bilinearly, as the network
+    does, but to 1/loss_stride of the crop, where the labels are sampled (nearest neighbour); then
+    each exit's cross-entropy plus positive-filtering distillation from the final exit.
+    """
+    teacher_weight = config.distillation_weight if config.distillation else 0.0
+    stride = config.loss_stride
+    size = [d // stride for d in input_size]
+
+    def loss(coarse_outputs, labels):
+        outputs = {k: tf.image.resize(v, size, method="bilinear") for k, v in coarse_outputs.items()}
+        labels = labels[:, stride // 2::stride, stride // 2::stride]
+        target = losses.distillation_target(labels, outputs[FINAL_EXIT], config.temperature) if teacher_weight else None
+        parts = {e: losses.exit_loss(labels, outputs[e], target, teacher_weight)[0] for e in exit_ids}
+        return tf.add_n(list(parts.values())), parts
+
+    return loss
 
 
 def _frozen_backbone_plan(net, config, stored):
     """Stage 2: a frozen (inference-mode) pass to every position and the final logits, then all
     exit heads trained on those features. With `stored` views the frozen pass was run before
     (mess_tf/stored_views.py) and a step receives its outputs instead of images."""
-    frozen, exit_heads = stage2_models(net)
-    teacher_weight = config.distillation_weight if config.distillation else 0.0
+    frozen, exit_heads = stage2_models(net, coarse=True)
+    exit_loss = stage2_loss(net.exit_ids, net.backbone.input_size, config)
 
     def loss(frozen_outputs, labels):
-        outputs = exit_heads(frozen_outputs, training=True)
-        teacher = outputs[FINAL_EXIT]
-        parts = {e: losses.exit_loss(labels, outputs[e], teacher, teacher_weight, config.temperature)[0]
-                 for e in net.exit_ids}
-        return tf.add_n(list(parts.values())), parts
+        return exit_loss(exit_heads(frozen_outputs, training=True), labels)
 
     prepare = (lambda inputs: inputs) if stored else (lambda images: frozen(images, training=False))
     return _Plan(prepare, loss, exit_heads.trainable_variables)
@@ -509,6 +538,8 @@ def _train(network_config, train_config, train_data, output_dir, val_data, init_
     if config.precise_bn_batches and strategy.num_replicas_in_sync > 1:
         raise ValueError("precise_bn_batches needs a single replica; set it to 0 under a multi-replica strategy")
     crop_config = dataclasses.replace(network_config, input_size=config.crop_size or network_config.input_size)
+    if any(d % config.loss_stride for d in crop_config.input_size):
+        raise ValueError(f"loss_stride={config.loss_stride} must divide the crop size {crop_config.input_size}")
     if isinstance(network_config, network.WrappedConfig) and crop_config != network_config:
         raise ValueError(f"crop_size={config.crop_size}: a wrapped Keras model trains at its own input size "
                          f"{network_config.input_size}")

@@ -40,9 +40,10 @@ def overlay(image, label, palette, alpha=0.5, ignore_label=255):
     return np.clip((1 - weight) * image + weight * colors + 0.5, 0, 255).astype(np.uint8)
 
 
-def encode_png(array, palette=None):
+def encode_png(array, palette=None, compress_level=6):
     """PNG bytes of uint8 [H, W] (greyscale, or a palette PNG when `palette` [C, 3] is given: the
-    pixel values stay class indices and viewers show colours) or uint8 [H, W, 3] (RGB)."""
+    pixel values stay class indices and viewers show colours) or uint8 [H, W, 3] (RGB).
+    `compress_level` 0-9 trades file size for time (zlib's; the pixels are the same)."""
     array = np.asarray(array)
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
         raise ValueError(f"expected uint8 [H, W] or [H, W, 3], got {array.dtype} {array.shape}")
@@ -57,7 +58,7 @@ def encode_png(array, palette=None):
         colours[:len(palette)] = palette
         image.putpalette(colours.reshape(-1).tolist())
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 

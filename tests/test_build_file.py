@@ -29,9 +29,10 @@ def test_every_module_cli_and_test_has_a_target():
     listed = {kind: set() for kind in ("py_library", "py_binary", "py_test")}
     for kind, _, srcs, _ in _targets():
         listed[kind].update(srcs)
-    assert _sources("mess_tf") - listed["py_library"] == set()
+    assert (_sources("mess_tf") | _sources("mess_cli")) - listed["py_library"] == set()
     cli_sources = {s for s in _sources("tools") | _sources("android_bench") if not s.endswith("__init__.py")}
     assert cli_sources - listed["py_binary"] - listed["py_library"] == set()
+    assert _sources("bench") - listed["py_binary"] == set()
     assert _sources("tests", "test_*.py") - listed["py_test"] == set()
 
 

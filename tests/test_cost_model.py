@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from mess_tf import backbones, cost_model, heads, network
-from mess_tf.latency import macs
+from mess_tf import backbones, heads, network
+from mess_tf.costs import macs
+from mess_tf.costs import model as cost_model
 from tools import describe
 
 CONFIG = network.NetworkConfig(backbones.BackboneConfig("mobilenet_v2", 16, 0.35), 5, (64, 64),

@@ -6,8 +6,8 @@ import types
 
 import pytest
 
+import mess_cli
 from mess_tf import io_utils
-from tools import cli
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
@@ -34,8 +34,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_free_space(tmp_path, mo
         io_utils.write_json(path, {"a": 1})
     assert raised.value.filename == str(path) and os.listdir(tmp_path) == []
     monkeypatch.setattr(shutil, "disk_usage", lambda folder: types.SimpleNamespace(free=1536))
-    assert cli.write_error(raised.value) == (f"cannot write {path}: No space left on device (1.5 kB free on its disk; "
-                                             f"make room and run the command again)")
+    assert mess_cli.write_error(raised.value) == (f"cannot write {path}: No space left on device (1.5 kB free on its "
+                                                  f"disk; make room and run the command again)")
 
 
 def test_files_written_together_all_appear_or_none(tmp_path, json_writes_fill_the_disk):

@@ -61,6 +61,11 @@ def test_exit_loss_without_distillation_is_cross_entropy():
     labels = np.argmax(teacher, -1)
     total, ce, kd = losses.exit_loss(labels, student, None)
     assert total.numpy() == ce.numpy() and kd.numpy() == 0.0
-    total, ce, kd = losses.exit_loss(labels, student, teacher, distillation_weight=0.5, temperature=2.0)
-    assert kd.numpy() > 0
-    np.testing.assert_allclose(total.numpy(), ce.numpy() + 0.5 * kd.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ce.numpy(), losses.cross_entropy(labels, student).numpy(), rtol=1e-6)
+    for temperature in (1.0, 2.0):  # one target, computed once, serves every exit
+        target = losses.distillation_target(labels, teacher, temperature)
+        total, ce, kd = losses.exit_loss(labels, student, target, distillation_weight=0.5)
+        np.testing.assert_allclose(kd.numpy(), losses.positive_filtering_distillation(labels, student, teacher,
+                                                                                      temperature).numpy(), rtol=1e-6)
+        assert kd.numpy() > 0
+        np.testing.assert_allclose(total.numpy(), ce.numpy() + 0.5 * kd.numpy(), rtol=1e-6)

@@ -7,9 +7,9 @@ import socket
 import subprocess
 import sys
 
+import _train_worker as fixtures
 import pytest
 
-import _train_worker as fixtures
 from mess_tf import run_lock, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

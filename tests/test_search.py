@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from mess_tf import backbones, calibration, cost_model, heads, network, policy, search
+from mess_tf import backbones, calibration, heads, network, policy, search
+from mess_tf.costs import model as cost_model
+from mess_tf.costs.table import CostTable
 from mess_tf.deployment import FINAL_EXIT, DeploymentConfig, ExitChoice
-from mess_tf.latency.costs import CostTable
 
 CLASSES, IMAGES, SIZE, STRIDE = 4, 12, (8, 8), 8
 POSITIONS = ("b1", "b2", "b3", "out")

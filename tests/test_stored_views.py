@@ -172,6 +172,19 @@ def test_a_store_that_does_not_fit_is_one_line(sources, tmp_path):
     assert stored_views.views_that_fit(8, 100, shapes, "float16", 3 * 100 * per_view + 5, str(tmp_path)) == 3
 
 
+def test_losses_at_a_coarser_stride_train_the_same_heads_on_either_path(sources, tmp_path):
+    # The exits' losses at 1/4 of the crop: both paths share them, so they still agree.
+    direct = _train(tmp_path / "direct", _config(steps=2, loss_stride=4), sources[0])
+    stored = _train(tmp_path / "stored", _config(steps=2, loss_stride=4, stored_views=2, store_dtype="float32"),
+                    sources[0])
+    full = _train(tmp_path / "full", _config(steps=2), sources[0])
+    for name, value in _weights(direct.network, trained=True).items():
+        np.testing.assert_allclose(_weights(stored.network, trained=True)[name], value, rtol=1e-3, atol=1e-5)
+    assert direct.metrics["final_losses"] != full.metrics["final_losses"]  # another loss, not the full-size one
+    with pytest.raises(ValueError, match=r"loss_stride=3 must divide the crop size \(32, 32\)"):
+        _train(tmp_path / "bad", _config(loss_stride=3), sources[0])
+
+
 def test_stored_views_refuse_other_strategies_and_stages():
     class TwoReplicas:
         num_replicas_in_sync = 2

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import mess_cli
 from mess_tf import checkpoints, network, optimizers, training
 from mess_tf.keras_lib import keras
-from tools import cli
 import _train_worker as fixtures
 
 CLASS_NAMES = tuple(f"thing {i}" for i in range(fixtures.NUM_CLASSES))
@@ -166,7 +166,7 @@ def test_a_failed_checkpoint_write_is_one_error_and_a_rerun_removes_what_it_left
     with pytest.raises(OSError) as raised:
         training.train(fixtures.tiny_network_config(), config, fixtures.synthetic_dataset(4), run_dir)
     assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, os.path.join(run_dir, "ckpt-2"))
-    assert cli.write_error(raised.value).startswith(
+    assert mess_cli.write_error(raised.value).startswith(
         f"cannot write {run_dir}/ckpt-2: checkpoint not written: No space left on device (")
     assert not os.path.exists(os.path.join(run_dir, "ckpt-2_temp"))
     monkeypatch.undo()

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mess_tf import (calibration, checkpoints, cost_model, deployment, export, metrics, network, policy, runtime,
-                     training)
+from mess_tf import calibration, checkpoints, deployment, export, metrics, network, policy, runtime, training
+from mess_tf.costs import macs
+from mess_tf.costs import model as cost_model
 from mess_tf.keras_lib import keras, layers
-from mess_tf.latency import macs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTOTYPES = np.array([[230, 40, 40], [40, 200, 60], [50, 60, 220], [220, 210, 50], [150, 60, 170]], np.float32)
@@ -333,5 +333,5 @@ def test_wrap_cli_writes_a_run_and_refuses_bad_input_in_one_line(tmp_path):
     code, _, stderr = _cli(f"--model={tmp_path / 'nested.keras'}", "--positions=block_2_add",
                            f"--output_dir={tmp_path / 'nested'}")
     assert code == 2 and "Traceback" not in stderr and stderr.splitlines()[-1].endswith(
-        "not base(image) (the README's 'What the tools refuse' has it in two lines)")
+        "not base(image) (two lines in the README's quick start for your own model)")
     assert not (tmp_path / "x").exists() and not (tmp_path / "nested").exists()

@@ -20,9 +20,10 @@ import time
 import numpy as np
 from absl import flags
 
+import mess_cli
 from mess_tf import calibration, checkpoints, export
 from mess_tf.data import pipeline, registry
-from tools import cli, policy_flags
+from tools import policy_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Stage-2 run directory or checkpoint.", required=True)
@@ -70,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

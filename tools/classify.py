@@ -10,8 +10,8 @@ import numpy as np
 from absl import flags
 from PIL import Image, UnidentifiedImageError
 
+import mess_cli
 from mess_tf import backbones
-from tools import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("backbone", "efficientnet_lite0", backbones.BACKBONES, "Backbone network.")
@@ -45,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

@@ -6,8 +6,9 @@ import json
 
 from absl import flags
 
-from mess_tf import backbones, cost_model, heads, network
-from tools import cli
+import mess_cli
+from mess_tf import backbones, heads, network
+from mess_tf.costs import model as cost_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("backbone", "mobilenet_v2", backbones.BACKBONES, "Backbone network.")
@@ -67,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

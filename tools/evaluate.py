@@ -11,8 +11,8 @@ import json
 
 from absl import flags
 
+import mess_cli
 from mess_tf.data import evaluation, registry
-from tools import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "folder", registry.DATASETS, "Dataset reader.")
@@ -37,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

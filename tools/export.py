@@ -10,8 +10,8 @@ import os
 
 from absl import flags
 
+import mess_cli
 from mess_tf import checkpoints, deployment, export, network, runtime
-from tools import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Training run directory or checkpoint prefix.")
@@ -60,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

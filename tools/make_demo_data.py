@@ -9,8 +9,8 @@ import time
 
 from absl import flags
 
+import mess_cli
 from mess_tf.data import demo
-from tools import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "default", list(demo.PRESETS),
@@ -54,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

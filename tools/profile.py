@@ -21,10 +21,12 @@ import os
 import numpy as np
 from absl import flags
 
-from mess_tf import backbones, checkpoints, cost_model, export, heads, network, progress, runtime
+import mess_cli
+from mess_tf import backbones, checkpoints, export, heads, network, progress, runtime
+from mess_tf.costs import model as cost_model
 from mess_tf.latency import host
 from mess_tf.latency import table as table_lib
-from tools import cli, policy_flags
+from tools import policy_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Training run directory or checkpoint: profile its architecture and exits.")
@@ -78,7 +80,7 @@ def _part_macs(net, class_map_positions):
     costs = cost_model.costs_of(net)
     macs = {table_lib.part_key(table_lib.SEGMENT, k): v.macs for k, v in costs.segments.items()}
     macs.update({table_lib.part_key(table_lib.HEAD, e): costs.heads[e].macs for e in net.exit_ids})
-    # Upsampling and argmax are free in the MAC count (latency/macs.py).
+    # Upsampling and argmax are free in the MAC count (costs/macs.py).
     macs.update({table_lib.part_key(table_lib.CLASS_MAP, p): 0 for p in class_map_positions})
     macs[table_lib.FINAL_HEAD] = costs.final_head.macs
     return macs
@@ -152,4 +154,4 @@ def _profile_phone(serial, parts, positions, input_size, policy_config, network_
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

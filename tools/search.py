@@ -15,8 +15,9 @@ import os
 from absl import flags
 import numpy as np
 
+import mess_cli
 from mess_tf import calibration, io_utils, progress, report, search
-from mess_tf.latency.costs import CostTable
+from mess_tf.costs.table import CostTable
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("cache", None, "Calibration cache .npz (tools.calibrate).")
@@ -94,7 +95,7 @@ def _progress(name):
 
 def main(argv):
     del argv
-    th_img_grid = cli.float_list("th_img")
+    th_img_grid = mess_cli.float_list("th_img")
     cache = calibration.CalibrationCache.load(FLAGS.cache)
     costs = load_costs(FLAGS.latency, FLAGS.macs, FLAGS.stat)
     objective, kwargs = _objective_args(costs.unit)
@@ -138,7 +139,5 @@ def main(argv):
     print(f"wrote {out}/CONFIG.json, report.json, pareto.png")
 
 
-from tools import cli  # noqa: E402
-
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

@@ -19,9 +19,9 @@ import sys
 import numpy as np
 from absl import flags
 
+import mess_cli
 from mess_tf import deployment, runtime, visualize
 from mess_tf.data import files, info, registry
-from tools import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Staged .tflite (with MODEL.tflite.json beside it).", required=True)
@@ -68,7 +68,7 @@ def main(argv):
     if (FLAGS.images is None) == (FLAGS.data_dir is None):
         raise ValueError("give either --images=DIR or --data_dir (with --dataset and --split)")
     check_output_outside_input()
-    th_img = cli.float_list("th_img") if FLAGS.th_img else None
+    th_img = mess_cli.float_list("th_img") if FLAGS.th_img else None
     model = runtime.StagedModel.load(FLAGS.model, FLAGS.num_threads)
     taken, skipped = [], []
     for name, path in images_to_segment(len(model.metadata["classes"])):
@@ -93,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

@@ -4,6 +4,10 @@
   python -m tools.train --stage=stage2 --dataset=demo --data_dir=/tmp/demo --output_dir=/tmp/runs/s2 \\
       --init_from=/tmp/runs/s1
 
+Stage 2 runs the frozen network once over --stored_views augmented views of every training image
+and trains the exits on the stored outputs (<output_dir>/stored_views/, at most --max_store_gb);
+--stored_views=0 runs the frozen network at every step instead (the path for multi-worker runs).
+
 Running the same command again resumes from the run directory's last checkpoint. With --init_from
 the network (architecture, input size) is taken from that run; a network flag given that differs
 from it, or a dataset of another class count, is an error naming each field.
@@ -16,9 +20,9 @@ import os
 import tensorflow as tf
 from absl import flags
 
+import mess_cli
 from mess_tf import backbones, checkpoints, heads, network, training
 from mess_tf.data import demo, pipeline, registry
-from tools import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("stage", "baseline", training.STAGES, "What to train.")
@@ -66,6 +70,13 @@ flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
 flags.DEFINE_integer("log_every", 50, "Steps between progress lines.")
 flags.DEFINE_integer("eval_every", 0, "Steps between validation mIoU evaluations (0 = at checkpoints).")
 flags.DEFINE_integer("eval_batches", 8, "Validation batches per evaluation (0 = none).")
+flags.DEFINE_integer("stored_views", None, "Stage 2: views of each training image to run the frozen network on once "
+                     "and train the exits on (default 8 under the default strategy; 0 = run it every step).",
+                     lower_bound=0)
+flags.DEFINE_integer("loss_stride", 1, "Stage 2: compute the exits' losses at 1/loss_stride of the crop size "
+                     "(1: full resolution).", lower_bound=1)
+flags.DEFINE_float("max_store_gb", training.TrainConfig.max_store_bytes / 1e9, "Stage 2: the most GB the stored "
+                   "views may take on disk (fewer views are stored to fit).", lower_bound=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +95,9 @@ DEFAULTS = {
     "ade20k": DatasetDefaults(512, 16, 0.01, 16, 150000),
     "folder": DatasetDefaults(512, 16, 0.01, 8, 30000),
 }
+
+
+DEFAULT_STORED_VIEWS = 8
 
 
 def _or(value, default):
@@ -125,7 +139,16 @@ def train_config(defaults):
         heads=FLAGS.heads, schedule=FLAGS.schedule, final_weight=FLAGS.final_weight, exit_weight=FLAGS.exit_weight,
         distillation=FLAGS.distillation, temperature=FLAGS.temperature,
         distillation_weight=FLAGS.distillation_weight, checkpoint_every=FLAGS.checkpoint_every,
-        log_every=FLAGS.log_every, eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches)
+        log_every=FLAGS.log_every, eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
+        stored_views=stored_views(), max_store_bytes=int(FLAGS.max_store_gb * 1e9), loss_stride=FLAGS.loss_stride)
+
+
+def stored_views():
+    """--stored_views, or its default: 8 for stage 2 under the default strategy, else 0."""
+    if FLAGS.stored_views is not None:
+        return FLAGS.stored_views
+    single = "TF_CONFIG" not in os.environ and len(tf.config.list_physical_devices("GPU")) <= 1
+    return DEFAULT_STORED_VIEWS if FLAGS.stage == "stage2" and single else 0
 
 
 def strategy():
@@ -138,7 +161,12 @@ def strategy():
 
 
 def format_progress(record):
-    """One progress line: step, losses (each exit, or a summary when there are many), rate, ETA."""
+    """One progress line: step, losses (each exit, or a summary when there are many), rate, ETA; or
+    the frozen pass's progress into stage 2's stored views."""
+    if isinstance(record, training.StoreProgress):
+        return (f"stored views: {record.batches_done}/{record.batches} batches ({record.views} views per image, "
+                f"{record.bytes / 1e9:.2f} GB)  {record.images_per_s:.1f} img/s  "
+                f"ETA {datetime.timedelta(seconds=round(record.eta_s))}")
     exits = {k: v for k, v in record.losses.items() if k not in ("total", "final")}
     if len(exits) <= 3:
         exit_text = " ".join(f"{k}={v:.3f}" for k, v in exits.items())
@@ -164,8 +192,9 @@ def main(argv):
     crop = net_config.input_size
     # A wrapped Keras model's input size is fixed; a built-in network's must divide by its stride.
     stride = 1 if isinstance(net_config, network.WrappedConfig) else net_config.backbone.output_stride
-    train_data = pipeline.train_dataset(dataset.samples("train"), dataset.info, crop, config.batch_size,
-                                        seed=config.seed, multiple_of=stride, skip_bad=FLAGS.skip_bad)
+    samples, _ = pipeline.check_samples(dataset.samples("train"), dataset.info, skip_bad=FLAGS.skip_bad)
+    train_data = pipeline.train_dataset(samples, dataset.info, crop, config.batch_size, seed=config.seed,
+                                        multiple_of=stride, check=False)
     val_data = None
     if config.eval_batches and "val" in dataset.splits:
         val_data = pipeline.eval_dataset(dataset.samples("val"), dataset.info, crop, config.batch_size,
@@ -173,7 +202,7 @@ def main(argv):
     result = training.train(net_config, config, train_data, FLAGS.output_dir, val_data=val_data,
                             init_from=FLAGS.init_from, strategy=strategy(),
                             progress=lambda record: print(format_progress(record), flush=True),
-                            class_names=dataset.info.class_names)
+                            class_names=dataset.info.class_names, train_images=len(samples))
     miou = result.metrics["miou"] or {}
     print(f"done: {result.checkpoint}  ({len(result.network.exit_ids)} early exits, "
           f"{result.metrics['images_per_s']:.1f} img/s)")
@@ -182,4 +211,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

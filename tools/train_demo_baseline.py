@@ -13,8 +13,8 @@ import time
 
 from absl import flags
 
+import mess_cli
 from mess_tf import experiment, run_lock
-from tools import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "default", sorted(experiment.PRESETS), "Demo preset whose baseline to train.")
@@ -35,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

@@ -10,8 +10,8 @@ import time
 
 from absl import flags
 
+import mess_cli
 from mess_tf import experiment, web
-from tools import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", "runs/demo", "A finished run of tools.demo (`make demo`).")
@@ -37,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

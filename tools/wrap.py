@@ -13,8 +13,8 @@ and calibrate, profile, search, export and segment RUN2 as for a built-in networ
 """
 from absl import flags
 
+import mess_cli
 from mess_tf import checkpoints
-from tools import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Your model, saved as .keras (loaded in Keras' safe mode).", required=True)
@@ -33,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    mess_cli.run(main)

@@ -18,7 +18,7 @@ import numpy as np
 
 from mess_tf import graph
 from mess_tf.backbones import applications, efficientnet_lite, pretrained
-from mess_tf.latency import macs
+from mess_tf.costs import macs
 from mess_tf.keras_lib import keras, layers
 
 BACKBONES = applications.NAMES + efficientnet_lite.NAMES

@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 
 from mess_tf import io_utils
-from mess_tf.latency.costs import CostTable
+from mess_tf.costs.table import CostTable
 from mess_tf.policy import PolicyConfig
 
 # 2: heads end at their image confidence, class maps are parts of their own (1 timed heads

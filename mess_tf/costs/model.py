@@ -1,6 +1,6 @@
 """Analytic cost model: MACs and parameters of every part of a multi-exit network.
 
-Parts are the units the latency tables and the search compose (see latency/costs.py):
+Parts are the units the latency tables and the search compose (see costs/table.py):
 each backbone segment between consecutive candidate positions, each exit head at each
 position, and the final head. MACs are per image at the network's input size.
 """
@@ -9,10 +9,10 @@ import hashlib
 import json
 
 from mess_tf import backbones, graph, heads, network
+from mess_tf.costs import macs
+from mess_tf.costs.table import CostTable
 from mess_tf.deployment import FINAL_EXIT, exit_id
 from mess_tf.keras_lib import keras
-from mess_tf.latency import macs
-from mess_tf.latency.costs import CostTable
 
 
 @dataclasses.dataclass(frozen=True)

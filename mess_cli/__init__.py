@@ -6,6 +6,9 @@ message alone, without a traceback, and exits with status 2. So does an output p
 refuses (a file where a folder must go, no permission, a full disk): the message names the path,
 and for a full disk the space left on it.
 TensorFlow's own INFO chatter (one line per checkpoint save) is hidden unless --verbosity is given.
+
+A package of its own beside mess_tf (which never parses flags or prints), so that tools/,
+android_bench/ and bench/ share it without importing one another.
 """
 import errno
 import os
