@@ -60,7 +60,7 @@ def _jobs(manifest, serial, thread_counts):
             enable_op_profiling=FLAGS.enable_op_profiling, pin_big_cores=FLAGS.pin_big_cores)
         path = FLAGS.output.format(serial=serial, threads=threads)
         jobs.append(benchmark.TableJob(path, manifest.positions, manifest.parts, manifest.precision,
-                                       manifest.input_size, options, manifest.policy))
+                                       manifest.input_size, options, manifest.policy, manifest.network_identity))
     return jobs
 
 

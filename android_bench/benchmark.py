@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import time
+from typing import Optional
 
 from android_bench import adb as adb_lib
 from mess_tf.latency import table as table_lib
@@ -238,6 +239,7 @@ class TableJob:
       input_size: (H, W) the models were built for.
       options: BenchmarkOptions.
       policy: the PolicyConfig the head models compute their confidence with.
+      network_identity: cost_model.network_identity of the models' network (PartManifest's).
     """
 
     path: str
@@ -247,6 +249,7 @@ class TableJob:
     input_size: tuple
     options: BenchmarkOptions = BenchmarkOptions()
     policy: PolicyConfig = PolicyConfig()
+    network_identity: Optional[dict] = None
 
 
 def run_job(phone, job, notes=""):
@@ -259,7 +262,8 @@ def run_job(phone, job, notes=""):
                            "android": device.android},
                 "options": dataclasses.asdict(job.options), "cooldown": dataclasses.asdict(phone.cooldown),
                 "notes": notes}
-    empty = table_lib.LatencyTable(key, job.positions, metadata=metadata, policy=job.policy)
+    empty = table_lib.LatencyTable(key, job.positions, metadata=metadata, policy=job.policy,
+                                   network_identity=job.network_identity)
 
     def measure(part):
         model = job.parts[part]

@@ -10,8 +10,10 @@ policy thresholds exactly, by arithmetic (DESIGN.md §1.5):
     ignored.
 
 A configuration's mIoU is then computed from the counts summed over images, each image taking the
-counts of the exit it leaves at. The cache records the network config, the exits, the policy and a
-fingerprint of the checkpoint; loading it for another network/checkpoint is refused.
+counts of the exit it leaves at. The cache records the network config, the exits, the policy, a
+fingerprint of the checkpoint and what identifies the network's architecture
+(cost_model.network_identity); loading it for another network/checkpoint is refused, and so is
+searching it with the latency table of another network.
 """
 import dataclasses
 import hashlib
@@ -24,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from mess_tf import export, io_utils, policy
+from mess_tf.costs import model as cost_model
 from mess_tf.keras_lib import keras
 from mess_tf.deployment import FINAL_EXIT
 
@@ -45,6 +48,8 @@ class CalibrationCache:
       fingerprint: checkpoint_fingerprint of the weights that made the cache.
       image_names: N names, in cache order.
       dataset, split: where the images came from.
+      network_identity: cost_model.network_identity of the network (None in caches written
+        before it was recorded).
     """
 
     conf_frac: np.ndarray
@@ -60,6 +65,7 @@ class CalibrationCache:
     image_names: tuple
     dataset: str = ""
     split: str = ""
+    network_identity: dict = None
 
     def __post_init__(self):
         self.exit_ids, self.exit_strides = tuple(self.exit_ids), tuple(int(s) for s in self.exit_strides)
@@ -85,6 +91,14 @@ class CalibrationCache:
     def num_classes(self):
         return self.tp.shape[-1]
 
+    def identity(self):
+        """What identifies the cache's network, as far as it records it: its network_identity,
+        or for a cache written before that was recorded, its class count and input size."""
+        known = {"num_classes": self.num_classes}
+        if "input_size" in self.network_config:
+            known["input_size"] = list(self.network_config["input_size"])
+        return {**known, **(self.network_identity or {})}
+
     @property
     def all_exit_ids(self):
         """Early exit ids then FINAL_EXIT, aligned with the second axis of tp/fp/fn."""
@@ -97,6 +111,7 @@ class CalibrationCache:
             "th_pix_grid": self.th_pix_grid.tolist(), "policy": self.policy.to_dict(),
             "network_config": self.network_config, "fingerprint": self.fingerprint,
             "image_names": list(self.image_names), "dataset": self.dataset, "split": self.split,
+            "network_identity": self.network_identity,
         }
 
     def save(self, path):
@@ -227,7 +242,7 @@ def from_logits(outputs, exit_ids, exit_strides, th_pix_grid, cfg):
 
 def build_cache(predict_fn, batches, exit_ids, exit_strides, num_classes, th_pix_grid, policy_config,
                 network_config, fingerprint, image_names, dataset="", split="", checkpoint_every=64,
-                partial_path=None):
+                partial_path=None, network_identity=None):
     """Runs every candidate exit on the calibration images and collects a CalibrationCache.
 
     Args:
@@ -248,6 +263,7 @@ def build_cache(predict_fn, batches, exit_ids, exit_strides, num_classes, th_pix
       checkpoint_every: save partial results every this many images (when partial_path is set).
       partial_path: .npz for partial results; if it holds a compatible partial pass, images already
         done are skipped. Removed once the pass completes.
+      network_identity: cost_model.network_identity of the network, recorded in the cache.
 
     Returns:
       CalibrationCache.
@@ -256,7 +272,8 @@ def build_cache(predict_fn, batches, exit_ids, exit_strides, num_classes, th_pix
     th_pix_grid = np.asarray(th_pix_grid, np.float64)
     n, e, p, c = len(image_names), len(exit_ids), th_pix_grid.size, num_classes
     cache = CalibrationCache(np.zeros((n, e, p)), *np.zeros((3, n, e + 1, c), np.int64), exit_ids, exit_strides,
-                             th_pix_grid, policy_config, network_config, fingerprint, image_names, dataset, split)
+                             th_pix_grid, policy_config, network_config, fingerprint, image_names, dataset, split,
+                             network_identity)
     done = _resume(cache, partial_path)
     seen, since_checkpoint = 0, 0
     for images, labels in batches:
@@ -345,7 +362,7 @@ def calibrate_network(net, checkpoint, batches, image_names, th_pix_grid, policy
 
     return build_cache(predict, batches, net.exit_ids, strides, _num_classes(net), th_pix_grid,
                        policy_config, net.config.to_dict(), checkpoint_fingerprint(checkpoint), image_names,
-                       dataset, split, checkpoint_every, partial_path)
+                       dataset, split, checkpoint_every, partial_path, cost_model.network_identity(net))
 
 
 def calibrate_parts(net, parts, checkpoint, batches, image_names, th_pix_grid, policy_config, positions=None,
@@ -419,4 +436,4 @@ def calibrate_parts(net, parts, checkpoint, batches, image_names, th_pix_grid, p
 
     return build_cache(predict, batches, net.exit_ids, strides, _num_classes(net), th_pix_grid, policy_config,
                        net.config.to_dict(), checkpoint_fingerprint(checkpoint), image_names, dataset, split,
-                       checkpoint_every, partial_path)
+                       checkpoint_every, partial_path, cost_model.network_identity(net))

@@ -11,10 +11,11 @@ checkpoint prefix (RUN_DIR/ckpt-<step>), and rebuilds the network from run_confi
 """
 import dataclasses
 import os
+import shutil
 
 import tensorflow as tf
 
-from mess_tf import io_utils, network
+from mess_tf import io_utils, network, run_lock
 
 RUN_CONFIG = "run_config.json"
 # Fields of a network config that fix the shapes of the backbone and final-head weights; the input
@@ -211,7 +212,8 @@ def wrap_run(model_path, position_names, run_dir, class_names=None):
 
     The folder gets a copy of the model file (USER_MODEL), a run_config.json whose network is its
     WrappedConfig (no early exits yet: train them with stage 2 from this run), and a checkpoint of
-    its weights (ckpt-0).
+    its weights (ckpt-0). It is locked while written (run_lock) and must be new or empty: a run
+    folder already there is never replaced. If writing fails, what was written is removed again.
 
     Args:
       model_path: a functional Keras model saved as .keras: images [B, H, W, 3] RGB 0..255 ->
@@ -224,8 +226,29 @@ def wrap_run(model_path, position_names, run_dir, class_names=None):
       network.MultiExitNetwork of the wrapped model (config.model_path: the copy in run_dir).
 
     Raises:
-      ValueError or FileNotFoundError naming the model file, a position or the class names.
+      ValueError or FileNotFoundError naming the model file, a position, the class names, or
+      `run_dir` when it is not empty.
     """
+    with run_lock.hold(run_dir):
+        present = sorted(set(os.listdir(run_dir)) - {run_lock.LOCK_FILE})
+        if present:
+            raise ValueError(f"{run_dir} is not empty (it holds {', '.join(present[:3])}"
+                             f"{', ...' if len(present) > 3 else ''}): wrap writes a new run folder and never "
+                             f"replaces one; give a new or empty folder")
+        try:
+            return _write_wrap_run(model_path, position_names, run_dir, class_names)
+        except BaseException:
+            for name in set(os.listdir(run_dir)) - {run_lock.LOCK_FILE}:  # all of it written here, just now
+                path = os.path.join(run_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+            raise
+
+
+def _write_wrap_run(model_path, position_names, run_dir, class_names):
+    """wrap_run(), in an empty run folder this process holds."""
     copy = os.path.abspath(os.path.join(run_dir, USER_MODEL))
     net = network.MultiExitNetwork.wrap(network.load_user_model(model_path), position_names, model_path=copy)
     if class_names is not None and len(class_names) != net.config.num_classes:

@@ -24,6 +24,7 @@ import numpy as np
 
 from mess_tf import (backbones, calibration, checkpoints, export, headline, heads, io_utils, metrics, network, policy,
                      report, runtime, search, shipped, training)
+from mess_tf.costs import model as cost_model
 from mess_tf.deployment import FINAL_EXIT
 from mess_tf.data import demo, pipeline, registry
 from mess_tf.deployment import DeploymentConfig, ExitChoice
@@ -443,7 +444,8 @@ class Experiment:
                                          policy_config=self.policy(), positions=positions, keys=heads)}
         key = table_lib.TableKey(host.host_device(), DEPLOYED, 1, net.backbone.input_size)
         host.measure_parts({k: table_lib.PartModel(v) for k, v in models.items()}, self.path(f"latency_{DEPLOYED}.json"),
-                           key, [p.name for p in positions], timing, policy_config=self.policy())
+                           key, [p.name for p in positions], timing, policy_config=self.policy(),
+                           network_identity=cost_model.network_identity(net))
         self.progress(f"  profiled {len(models)} parts in {DEPLOYED}")
 
     def cost_table(self, precision=DEPLOYED):

@@ -744,8 +744,9 @@ def export_staged_model(path, net, config, precision, calibration_images=None, p
                                       integer_io=integer_io)
     metadata = staged_metadata(net, config, precision, stages, policy_config, class_names,
                                signature_tensors(model_bytes))
-    io_utils.write_bytes(path, model_bytes)
-    io_utils.write_json(metadata_path(path), metadata)
+    with io_utils.together():  # a model without its metadata is one no runtime can use
+        io_utils.write_bytes(path, model_bytes)
+        io_utils.write_json(metadata_path(path), metadata)
     logging.info("wrote %s (%d bytes, %d stages, %s)", path, len(model_bytes), len(stages), precision)
     return metadata
 
@@ -762,8 +763,8 @@ def copy_staged_model(source, path, config):
     old = DeploymentConfig.from_dict(metadata["deployment"])
     if old.fingerprint() != config.fingerprint():
         raise ValueError(f"{source} deploys {old.exit_ids} ({old.mode}), not the configuration given for {path}")
-    with open(source, "rb") as f:
-        io_utils.write_bytes(path, f.read())
     metadata["deployment"] = config.to_dict()
-    io_utils.write_json(metadata_path(path), metadata)
+    with open(source, "rb") as f, io_utils.together():
+        io_utils.write_bytes(path, f.read())
+        io_utils.write_json(metadata_path(path), metadata)
     return metadata

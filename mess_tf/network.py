@@ -11,8 +11,10 @@ those layers and so their weights:
     Chaining them reproduces `subset_model(ids)`.
 """
 import dataclasses
+import json
 import os
 import re
+import zipfile
 from typing import Optional
 
 from mess_tf import backbones, graph, heads
@@ -92,6 +94,12 @@ def config_from_dict(d):
 def load_user_model(path):
     """A user's saved functional Keras model (.keras), loaded without running code from the file.
 
+    Every user model is loaded here. Keras' safe mode refuses the code a .keras file can carry (a
+    Lambda's bytecode), but only in the .keras (zip) format: given any other file, load_model
+    goes to the HDF5 loader, which ignores safe mode and runs it. So the file's format is checked
+    from its contents, not its name, and so is every class its config names: Keras imports the
+    module a config names, so a name outside Keras would run that module's code.
+
     Raises:
       FileNotFoundError or ValueError naming the file.
     """
@@ -100,10 +108,68 @@ def load_user_model(path):
         raise FileNotFoundError(f"Keras model not found: {path}")
     if not path.endswith(".keras"):
         raise ValueError(f"{path}: expected a Keras model saved with model.save('NAME.keras')")
+    _check_keras_archive(path)
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # Keras raises many types here; the message is what the user needs
         raise ValueError(f"cannot load Keras model {path}: {str(e).splitlines()[0]}") from None
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _check_keras_archive(path):
+    """Raises unless `path` is a .keras zip archive whose config names only Keras' own classes."""
+    with open(path, "rb") as f:
+        is_hdf5 = f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
+    resave = "if you trust the file, load it yourself and re-save it with model.save('x.keras')"
+    if is_hdf5:
+        raise ValueError(f"cannot load Keras model {path}: it is an HDF5 (.h5) model, whose loader can run code "
+                         f"stored in the file; {resave}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError) as e:
+        raise ValueError(f"cannot load Keras model {path}: not a .keras archive ({e}); {resave}") from None
+    foreign = sorted({f"{module}.{name}" for module, name in _named_classes(config)
+                      if module.split(".")[0] not in ("keras", "tf_keras")})
+    if foreign:
+        raise ValueError(f"cannot load Keras model {path}: it names {foreign}, outside Keras, which loading would "
+                         f"import; build the model from Keras layers only")
+
+
+def _named_classes(config):
+    """(module, class name) of every object a Keras config names, nested ones included."""
+    if isinstance(config, dict):
+        if isinstance(config.get("module"), str):
+            yield config["module"], config.get("class_name")
+        for value in config.values():
+            yield from _named_classes(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from _named_classes(value)
+
+
+def _check_user_model(model):
+    """Raises, saying what to change, unless `model` is one flat functional graph from images of a
+    fixed size [B, H, W, 3] to logits [B, h, w, classes]: exits, stages, MAC counts and int8
+    scales are all per layer and per input size."""
+    nested = [layer.name for layer in model.layers if isinstance(layer, keras.Model)]
+    if nested:
+        raise ValueError(f"model {model.name!r} calls the model(s) {nested} as one layer, so the layers inside (the "
+                         f"exit positions) are not in its graph; build it as one functional graph: "
+                         f"base = MobileNetV2(input_tensor=image, ...), then base.get_layer(NAME).output, not "
+                         f"base(image) (two lines in the README's quick start for your own model)")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError(f"model {model.name!r} has {len(model.inputs)} input(s) and {len(model.outputs)} output(s); "
+                         f"expected one input, the images [B, H, W, 3], and one output, the logits [B, h, w, classes]")
+    image, logits = tuple(model.input.shape[1:]), tuple(model.output.shape[1:])
+    if len(image) != 3 or None in image or image[2] != 3:
+        raise ValueError(f"model {model.name!r} takes input of shape {image}; expected RGB images of a fixed size "
+                         f"(H, W, 3): build it on keras.Input((H, W, 3))")
+    if len(logits) != 3 or None in logits:
+        raise ValueError(f"model {model.name!r} returns shape {logits}; expected logits (h, w, classes) of a fixed "
+                         f"size")
 
 
 def build(config, exits=()):
@@ -163,7 +229,11 @@ class MultiExitNetwork:
           position_names: names of its layers that are candidate exit positions.
           exits: exit ids or (position, ExitHeadConfig) pairs, as for the constructor.
           model_path: the .keras file `model` was loaded from, recorded in the WrappedConfig.
+
+        Raises:
+          ValueError saying what to change, for a model that cannot be cut into stages.
         """
+        _check_user_model(model)
         final = model.output
         if tuple(final.shape[1:3]) != tuple(model.input.shape[1:3]):
             final = keras.layers.Resizing(*model.input.shape[1:3], interpolation="bilinear", name="final_upsample")(final)

@@ -83,6 +83,11 @@ class SearchResult:
     def exit_ids(self):
         return self.deployment_config().exit_ids
 
+    @property
+    def final_fraction(self):
+        """Fraction of images that reach the final exit (none in a budgeted early exit, which has none)."""
+        return self.exit_fractions[-1] if self.exit_ids[-1] == FINAL_EXIT else 0.0
+
     def deployment_config(self, network=None, metadata=None):
         """The DeploymentConfig to export, with the predicted figures and the policy they hold for
         in its metadata (export.export_staged_model bakes that policy into the model)."""
@@ -179,6 +184,17 @@ class _Problem:
                             float(fractions @ costs), float(costs[-1]), tuple(fractions.tolist()), self.unit, self.policy)
 
 
+_IDENTITY_FIELDS = {"input_size": "input size", "num_classes": "classes",
+                    "parts": "parts fingerprint (backbone, width, final head)"}
+
+
+def _network_differences(cache_identity, table_identity):
+    """["input size: cache [64, 64], table [128, 128]", ...] for the fields of two
+    cost_model.network_identity dicts that both record and that differ."""
+    return [f"{label}: cache {cache_identity[k]}, table {table_identity[k]}" for k, label in _IDENTITY_FIELDS.items()
+            if k in cache_identity and k in table_identity and cache_identity[k] != table_identity[k]]
+
+
 def _problem(cache, costs, th_img_grid, allowed_exits):
     if costs.unit not in ("ms", "MACs"):
         raise ValueError(f"cost table unit {costs.unit!r} is not 'ms' or 'MACs'")
@@ -187,6 +203,11 @@ def _problem(cache, costs, th_img_grid, allowed_exits):
         raise ValueError(f"the latency table timed the exit heads' confidence with policy {costs.policy.to_dict()}, "
                          f"but the calibration cache was made with {cache.policy.to_dict()}: profile again with "
                          f"the cache's policy (tools.profile --confidence/--edge_smoothing/--confidence_stride)")
+    differences = _network_differences(cache.identity(), costs.network_identity or {})
+    if differences:
+        raise ValueError(f"the latency table was timed on another network than the calibration cache's "
+                         f"({'; '.join(differences)}): profile the network the cache was made with "
+                         f"(tools.profile --checkpoint=RUN, the run tools.calibrate read)")
     allowed = list(cache.exit_ids) if allowed_exits is None else list(allowed_exits)
     unknown = [e for e in allowed if e not in cache.exit_ids]
     if unknown:

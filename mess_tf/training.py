@@ -22,6 +22,7 @@ therefore resumes from its last checkpoint and ends with the same weights as an 
 import collections
 import contextlib
 import dataclasses
+import errno
 import itertools
 import logging
 import os
@@ -32,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from mess_tf import checkpoints, graph, heads, io_utils, losses, network, optimizers
+from mess_tf import checkpoints, graph, heads, io_utils, losses, network, optimizers, run_lock
 from mess_tf import stored_views as stored_views_lib
 from mess_tf.deployment import FINAL_EXIT, exit_id
 from mess_tf.keras_lib import keras
@@ -483,6 +484,10 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
           strategy=None, progress=None, class_names=None, train_images=None):
     """Trains one stage; resumes if `output_dir` already holds a checkpoint of the same run.
 
+    The run folder is locked while the chief writes it (run_lock): a second process training
+    into it is refused, naming the first. Temporary files a killed or failed run left there are
+    removed first.
+
     Args:
       network_config: network.NetworkConfig (its input size is the deployed one; the network
         trains at train_config.crop_size when that is given).
@@ -504,8 +509,23 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
 
     Returns:
       TrainResult.
+
+    Raises:
+      ValueError: bad input, or another process writing `output_dir`.
+      OSError: a write failed (a full disk), naming the file.
     """
     strategy = strategy or tf.distribute.get_strategy()
+    is_chief = _is_chief(strategy)  # the chief alone writes the run folder (_checkpoint_writer)
+    with run_lock.hold(output_dir) if is_chief else contextlib.nullcontext():
+        if is_chief:
+            _remove_leftovers(output_dir)
+        return _train(network_config, train_config, train_data, output_dir, val_data, init_from, strategy, progress,
+                      class_names, train_images)
+
+
+def _train(network_config, train_config, train_data, output_dir, val_data, init_from, strategy, progress,
+           class_names, train_images):
+    """train(), in a run folder this process may write."""
     config = train_config
     if config.batch_size % strategy.num_replicas_in_sync:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
@@ -758,15 +778,48 @@ def _check_batches(dataset, network_config, what):
 def _checkpoint_writer(checkpoint, run_dir, keep, strategy, is_chief):
     """save(step) -> checkpoint path. Under multi-worker training every worker must write (the
     save is collective); only the chief writes into the run directory, the others into a scratch
-    folder removed right away."""
+    folder removed right away. A failed write raises OSError (see _failed_save)."""
     if is_chief:
         manager = tf.train.CheckpointManager(checkpoint, run_dir, max_to_keep=keep)
-        return lambda step: manager.save(checkpoint_number=step)
+
+        def save(step):
+            try:
+                return manager.save(checkpoint_number=step)
+            except tf.errors.OpError as e:
+                raise _failed_save(e, os.path.join(run_dir, f"{CHECKPOINT_PREFIX}-{step}")) from None
+        return save
     scratch = os.path.join(run_dir, f".worker_{strategy.cluster_resolver.task_id}")
 
-    def save(step):
-        path = checkpoint.write(os.path.join(scratch, f"ckpt-{step}"))
-        shutil.rmtree(scratch, ignore_errors=True)
-        return path
+    def save_to_scratch(step):
+        try:
+            return checkpoint.write(os.path.join(scratch, f"{CHECKPOINT_PREFIX}-{step}"))
+        except tf.errors.OpError as e:
+            raise _failed_save(e, scratch) from None
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
-    return save
+    return save_to_scratch
+
+
+CHECKPOINT_PREFIX = "ckpt"  # tf.train.CheckpointManager's: RUN/ckpt-<step>.index, .data-*
+
+
+def _failed_save(error, prefix):
+    """The OSError naming `prefix` for TensorFlow's error of a failed checkpoint write, after
+    removing the half-written `<prefix>_temp` folder TensorFlow leaves behind."""
+    shutil.rmtree(prefix + "_temp", ignore_errors=True)
+    # TensorFlow's message ends with the system's reason: "...; No space left on device [Op:SaveV2]".
+    reason = error.message.split("; ")[-1].split(" [Op:")[0].strip()
+    code = errno.ENOSPC if isinstance(error, tf.errors.ResourceExhaustedError) else errno.EIO
+    return OSError(code, f"checkpoint not written: {reason}", prefix)
+
+
+def _remove_leftovers(run_dir):
+    """Removes what a killed or failed run left in `run_dir`: half-written checkpoints
+    (`ckpt-<step>_temp/`) and atomic-write temporaries (io_utils.atomic_open's `.*.tmp`)."""
+    for name in os.listdir(run_dir):
+        path = os.path.join(run_dir, name)
+        if name.startswith(CHECKPOINT_PREFIX + "-") and name.endswith("_temp") and os.path.isdir(path):
+            shutil.rmtree(path)
+        elif io_utils.is_temporary(name):
+            os.remove(path)

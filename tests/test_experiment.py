@@ -1,4 +1,9 @@
-"""The `make demo` pipeline end to end on the quick preset: every artifact, the headline, the rerun."""
+"""The `make demo` pipeline end to end on the quick preset: every artifact, the headline, the rerun.
+
+The run searches a fixed latency table instead of one timed on this host, and the assertions hold
+for any trained weights: what the search picks then depends on neither the machine's load nor its
+floating-point kernels' last bits, and no assertion depends on which configuration it picks.
+"""
 import json
 import os
 
@@ -7,16 +12,32 @@ import pytest
 from mess_tf import experiment
 from mess_tf.deployment import DeploymentConfig
 from mess_tf.headline import tail_gain
+from mess_tf.latency import host
+from mess_tf.latency import table as table_lib
 
 ROW_NAMES = ["baseline", "baseline_same_budget", "no_loss", "drop_1pp", "baseline_cost"]
 MESS_ROWS = ROW_NAMES[2:]
+FIXED_MS = {table_lib.SEGMENT: 1.0, table_lib.HEAD: 0.1, table_lib.CLASS_MAP: 0.2, table_lib.FINAL_HEAD: 2.0}
+
+
+def fixed_latency_table(parts, path, key, positions, config, **recorded):
+    """host.measure_parts without timing anything: every part of a kind costs FIXED_MS of it."""
+    table = table_lib.LatencyTable(key, positions, policy=recorded["policy_config"],
+                                   network_identity=recorded.get("network_identity"))
+    for part in parts:
+        ms = FIXED_MS[table_lib.parse_part_key(part)[0]]
+        table.set(part, table_lib.PartLatency(ms, ms, config.num_runs))
+    table.save(path)
+    return table
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo"))
     lines = []
-    headline = experiment.Experiment(out, "quick", seed=0, progress=lines.append).run()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(host, "measure_parts", fixed_latency_table)
+        headline = experiment.Experiment(out, "quick", seed=0, progress=lines.append).run()
     return out, headline, lines
 
 
@@ -30,7 +51,8 @@ def test_headline_rows_measure_and_predict_every_deployment(quick_run):
     for name in MESS_ROWS:
         row = rows[name]
         assert row["speedup"] == pytest.approx(bar["latency_ms"] / row["latency_ms"])
-        assert 0 < row["macs"] <= bar["macs"]  # exits only ever skip work
+        # Not below the bar's MACs: an image that passes an exit pays for its head too.
+        assert row["macs"] > 0 and row["mac_reduction"] == pytest.approx(bar["macs"] / row["macs"])
         # The int8 cache of the test split holds what the int8 model computes: it predicts the
         # measured mIoU (exactly where the parts and the stages are cut at the same positions, see
         # test_runtime; here the parts are also cut at exits the model does not deploy, which
@@ -45,14 +67,15 @@ def test_goals_ceilings_and_oracle_are_reported(quick_run):
     assert len(headline["goals"]) == 9 and all(isinstance(g["met"], bool) for g in headline["goals"])
     ceilings, oracle = headline["ceilings"], headline["oracle"]
     assert [c["position"] for c in ceilings] == experiment.Experiment("unused", "quick").exit_positions()
-    assert all(c["speedup"] > 1 for c in ceilings)  # leaving early always skips work in the table
+    assert all(c["speedup"] > 1 for c in ceilings)  # leaving early always skips work in the fixed table
     assert 1 <= oracle["speedup"] <= max(c["speedup"] for c in ceilings) + 1e-9
     assert sum(oracle["exit_fractions"].values()) == pytest.approx(1.0)
     assert all(0 <= c["miou"] <= c["best_head_miou"] <= 100 for c in ceilings)
     noise = headline["noise"]
-    assert noise["images"] == 64 and noise["bar_sd_pp"] > 0 and noise["difference_sd_pp"] > 0
+    # Zero when the two networks' final exits agree on every image, as weakly trained ones may.
+    assert noise["images"] == 64 and noise["bar_sd_pp"] >= 0 and noise["difference_sd_pp"] >= 0
     low, high = noise["difference_ci95_pp"]
-    assert low < high
+    assert low <= high
 
 
 def test_every_artifact_of_the_report_is_written(quick_run):
@@ -68,6 +91,12 @@ def test_every_artifact_of_the_report_is_written(quick_run):
     assert "| baseline_same_budget |" in summary and "## Goals" in summary and "## The ceiling" in summary
 
 
+def _in_the_model_file(config):
+    """What of a configuration the .tflite holds: the exits and their pixel thresholds (th_img is
+    the metadata's, read by the runtime)."""
+    return [(e.exit_id, e.th_pix) for e in config.exits]
+
+
 def test_deployments_that_agree_share_one_model_and_keep_their_own_metadata(quick_run):
     out, _, _ = quick_run
     configs = {name: DeploymentConfig.load(os.path.join(out, "configs", f"{name}.json")) for name in MESS_ROWS}
@@ -75,12 +104,14 @@ def test_deployments_that_agree_share_one_model_and_keep_their_own_metadata(quic
         evaluation = json.load(f)
     for a in configs:
         with open(os.path.join(out, "models", f"{a}_int8.tflite.json")) as f:
-            assert DeploymentConfig.from_dict(json.load(f)["deployment"]) == configs[a]  # its own provenance
+            metadata = json.load(f)
+        assert DeploymentConfig.from_dict(metadata["deployment"]) == configs[a]  # its own provenance
+        assert [s["th_img"] for s in metadata["stages"][:-1]] == [e.th_img for e in configs[a].exits]
         for b in configs:
             path_a, path_b = (os.path.join(out, "models", f"{n}_int8.tflite") for n in (a, b))
-            same = configs[a].fingerprint() == configs[b].fingerprint()
             with open(path_a, "rb") as fa, open(path_b, "rb") as fb:
-                assert (fa.read() == fb.read()) == same, (a, b)
+                assert (fa.read() == fb.read()) == (_in_the_model_file(configs[a]) == _in_the_model_file(configs[b]))
+            same = configs[a].fingerprint() == configs[b].fingerprint()
             assert (evaluation[a]["measured_as"] == evaluation[b]["measured_as"]) == same  # measured once
 
 

@@ -178,6 +178,14 @@ def test_staged_model_signatures_metadata_and_weights_stored_once(tiny_net, tmp_
     assert not (tmp_path / "wrong.tflite").exists()
 
 
+def test_a_model_and_its_metadata_are_written_together_or_not_at_all(tiny_net, tmp_path, json_writes_fill_the_disk):
+    config = deployment.DeploymentConfig("budgeted", [deployment.ExitChoice("block_2_add", "fcn_w16_b0")])
+    path = tmp_path / "model.tflite"
+    with pytest.raises(OSError) as raised:
+        export.export_staged_model(path, tiny_net, config, "float32")
+    assert raised.value.filename == export.metadata_path(path) and os.listdir(tmp_path) == []
+
+
 def test_budgeted_model_is_truncated_after_its_exit(tiny_net):
     config = deployment.DeploymentConfig("budgeted", [deployment.ExitChoice("block_2_add", "fcn_w16_b0")])
     model_bytes, stages = export.build_model(tiny_net, config, "float32")

@@ -1,4 +1,5 @@
 """LatencyTable: JSON round trip, validation errors, composition, merge and resumable filling."""
+import dataclasses
 import json
 
 import numpy as np
@@ -66,6 +67,20 @@ def test_the_policy_the_heads_were_timed_with_travels_with_the_table(tmp_path):
     assert LatencyTable.load(tmp_path / "old.json").policy == PolicyConfig()
     with pytest.raises(ValueError, match="heads were timed with different exit policies"):
         _full_table().merge(table)
+
+
+def test_the_network_timed_travels_with_the_table_and_an_old_table_gives_its_input_size(tmp_path):
+    table = _full_table()
+    table.network_identity = {"input_size": [64, 96], "num_classes": 21, "parts": "0123456789abcdef"}
+    table.save(tmp_path / "t.json")
+    loaded = LatencyTable.load(tmp_path / "t.json")
+    assert loaded.network_identity == table.network_identity == loaded.cost_table().network_identity
+    d = table.to_dict()
+    del d["network_identity"]  # written before tables recorded their network
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    assert LatencyTable.load(tmp_path / "old.json").cost_table().network_identity == {"input_size": [64, 96]}
+    with pytest.raises(ValueError, match="latency tables of different networks"):
+        table.merge(dataclasses.replace(table, network_identity={**table.network_identity, "num_classes": 11}))
 
 
 def test_composition_matches_hand_arithmetic():

@@ -47,5 +47,9 @@ def test_one_conversion_writes_the_parts_for_android_bench_and_a_host_table_time
     table = LatencyTable.load(table_path)
     assert sorted(table.part_keys()) == sorted(manifest.parts) and table.policy == manifest.policy
     assert table.metadata["block_runs"] == 2 and {table.get(k).runs for k in table.part_keys()} == {3}
+    # The network timed, which the search checks against the calibration cache's.
+    assert table.network_identity == manifest.network_identity
+    assert {k: table.network_identity[k] for k in ("input_size", "num_classes")} == {"input_size": [64, 64],
+                                                                                       "num_classes": 21}
     assert f"timed 2/2 turns of {len(manifest.parts)} parts" in done.stdout
     assert not os.path.exists(f"{table_path}.runs.json")

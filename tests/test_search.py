@@ -1,10 +1,16 @@
 """Deployment search: cache arithmetic equals running the policy, fast search equals brute force."""
 import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from mess_tf import calibration, policy, search
+from mess_tf import backbones, calibration, heads, network, policy, search
+from mess_tf.costs import model as cost_model
 from mess_tf.costs.table import CostTable
 from mess_tf.deployment import FINAL_EXIT, DeploymentConfig, ExitChoice
 
@@ -171,6 +177,35 @@ def test_a_latency_table_timed_under_another_policy_is_refused(synthetic):
         search.search(cache, timed_at_stride8, TH_IMG, "pareto", workers=1)
 
 
+def _identity(input_size, num_classes, alpha=0.35):
+    """cost_model.network_identity of a tiny MobileNetV2 DeepLab."""
+    config = network.NetworkConfig(backbones.BackboneConfig("mobilenet_v2", 16, alpha), num_classes,
+                                   (input_size, input_size), heads.FinalHeadConfig(filters=16))
+    return cost_model.network_identity(network.MultiExitNetwork(config))
+
+
+def test_a_latency_table_of_another_network_is_refused_naming_what_differs(synthetic):
+    cache = dataclasses.replace(synthetic[0], network_identity=_identity(64, CLASSES))
+    same = dataclasses.replace(COSTS, network_identity=_identity(64, CLASSES))
+    assert search.evaluate(cache, same, DeploymentConfig("dynamic")) == search.evaluate(
+        cache, COSTS, DeploymentConfig("dynamic"))
+    for table, differences in [
+            (_identity(128, CLASSES, alpha=0.5), "(input size: cache [64, 64], table [128, 128]; parts fingerprint"),
+            (_identity(64, 11), "(classes: cache 4, table 11; parts fingerprint"),
+            (_identity(64, CLASSES, alpha=0.5), "(parts fingerprint (backbone, width, final head): cache ")]:
+        with pytest.raises(ValueError, match=re.escape(differences)):
+            search.search(cache, dataclasses.replace(COSTS, network_identity=table), TH_IMG, "pareto", workers=1)
+    # A table written before tables recorded their network is still checked on its input size.
+    with pytest.raises(ValueError, match=re.escape("(input size: cache [64, 64], table [32, 32]): profile")):
+        search.search(cache, dataclasses.replace(COSTS, network_identity={"input_size": [32, 32]}), TH_IMG, "pareto")
+
+
+def test_a_budgeted_early_exit_sends_no_image_to_the_final_exit(synthetic):
+    budgeted = search.evaluate(synthetic[0], COSTS, DeploymentConfig("budgeted", [ExitChoice("b1", "fcn_w0_b0")]))
+    final = search.evaluate(synthetic[0], COSTS, DeploymentConfig("budgeted"))
+    assert budgeted.exit_fractions == (1.0,) and budgeted.final_fraction == 0.0 and final.final_fraction == 1.0
+
+
 def test_allowed_exits_restrict_the_space(synthetic):
     cache = synthetic[0]
     allowed = [e for e in EXITS if e.endswith("w0_b0")]
@@ -210,19 +245,33 @@ def test_a_time_limit_keeps_the_best_found_flagged_as_not_proven(synthetic, work
     assert deepened.best.expected_cost == pytest.approx(exact.best.expected_cost, abs=1e-12)
 
 
-def test_cli_writes_config_report_and_plot(synthetic, tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    # A policy other than the default: the chosen configuration must carry it to tools.export.
-    cache = dataclasses.replace(synthetic[0], policy=policy.PolicyConfig("entropy", confidence_stride=8))
+def _search_command(cache, tmp_path):
+    """The tools.search command line searching `cache` with the costs of COSTS in MACs, into tmp_path/out."""
     cache.save(str(tmp_path / "cache.npz"))
     costs = {"unit": "MACs", "positions": list(POSITIONS), "segment": COSTS.segment, "head": COSTS.head,
              "final_head": COSTS.final_head}
     (tmp_path / "macs.json").write_text(json.dumps(costs))
-    base = [sys.executable, "-m", "tools.search", f"--cache={tmp_path / 'cache.npz'}", f"--macs={tmp_path / 'macs.json'}",
-            f"--th_img={','.join(map(str, TH_IMG))}", "--workers=1", f"--output_dir={tmp_path / 'out'}"]
+    return [sys.executable, "-m", "tools.search", f"--cache={tmp_path / 'cache.npz'}",
+            f"--macs={tmp_path / 'macs.json'}", f"--th_img={','.join(map(str, TH_IMG))}", "--workers=1",
+            f"--output_dir={tmp_path / 'out'}"]
+
+
+def test_cli_writes_its_outputs_together_or_none_and_names_a_bad_threshold_flag(synthetic, tmp_path):
+    base = _search_command(synthetic[0], tmp_path)
+    (tmp_path / "out" / "pareto.png").mkdir(parents=True)  # a folder where the plot must go
+    failed = subprocess.run(base + ["--objective=min_latency", "--max_drop_pp=1"], capture_output=True, text=True)
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write {tmp_path / 'out' / 'pareto.png'}: a folder stands where this file must go")
+    assert os.listdir(tmp_path / "out") == ["pareto.png"]  # no CONFIG.json or report.json without their plot
+    bad = subprocess.run(base + ["--th_img=0.5,abc"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+        "error: --th_img=0.5,abc: expected comma-separated numbers, e.g. --th_img=0.6,0.8")
+
+
+def test_cli_writes_config_report_and_plot(synthetic, tmp_path):
+    # A policy other than the default: the chosen configuration must carry it to tools.export.
+    cache = dataclasses.replace(synthetic[0], policy=policy.PolicyConfig("entropy", confidence_stride=8))
+    base = _search_command(cache, tmp_path)
     done = subprocess.run(base + ["--objective=min_latency", "--max_drop_pp=1"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "| chosen |" in done.stdout

@@ -2,8 +2,10 @@
 the model's input (letterboxed in, class maps written back at each image's own size)."""
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -159,3 +161,58 @@ def test_a_dataset_of_another_class_count_is_refused_before_any_image(tmp_path):
     assert not (tmp_path / "pred").exists()
     code, _, stderr = _cli("segment", "--model=absent.tflite", f"--output={tmp_path / 'pred'}")
     assert code == 2 and "give either --images=DIR or --data_dir" in stderr  # before the model is read
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return _staged_model(str(tmp_path_factory.mktemp("model") / "model.tflite"), 5)
+
+
+def test_an_output_folder_that_is_or_lies_inside_the_input_is_refused(tmp_path, model_path):
+    folder = tmp_path / "images"
+    _write_image(str(folder / "a.jpg"), np.random.default_rng(4), (48, 64))
+    _write_image(str(folder / "b.png"), np.random.default_rng(5), (48, 64))
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    for output, where in [(folder, "is"), (folder / "maps", "lies inside")]:
+        code, _, stderr = _cli("segment", f"--model={model_path}", f"--images={folder}", f"--output={output}")
+        assert code == 2 and stderr.strip().splitlines()[-1] == (
+            f"error: --output={output} {where} the input folder --images={folder}: the class maps would overwrite or "
+            f"mix with the images; give an output folder outside it")
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+
+
+def test_two_images_of_one_name_are_an_error_naming_both(tmp_path, model_path):
+    folder = tmp_path / "images"
+    for name in ("x.png", "x.jpg"):
+        _write_image(str(folder / name), np.random.default_rng(6), (48, 64))
+    code, _, stderr = _cli("segment", f"--model={model_path}", f"--images={folder}", f"--output={tmp_path / 'pred'}")
+    assert code == 2 and stderr.strip().splitlines()[-1] == (
+        f"error: {folder / 'x.jpg'} and {folder / 'x.png'} have the same name without their extension; rename one "
+        f"of them (files are paired and written by that name)")
+    assert not (tmp_path / "pred").exists()
+
+
+def _png_declaring(path, width, height):
+    """A PNG whose header declares width x height pixels (and holds none): what PIL checks before decoding."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_named_and_skipped_with_skip_bad_and_a_bad_threshold_names_its_flag(
+        tmp_path, model_path):
+    folder = tmp_path / "images"
+    _write_image(str(folder / "a.png"), np.random.default_rng(7), (48, 64))
+    _png_declaring(folder / "huge.png", 15000, 12000)  # 180 megapixels
+    flags = [f"--model={model_path}", f"--images={folder}", f"--output={tmp_path / 'pred'}"]
+    code, _, stderr = _cli("segment", *flags)
+    assert code == 2 and stderr.strip().splitlines()[-1] == (
+        f"error: image {folder / 'huge.png'} is too large to decode safely (Image size (180000000 pixels) exceeds "
+        f"limit of {2 * Image.MAX_IMAGE_PIXELS} pixels); shrink it first (pass --skip_bad to skip it)")
+    code, stdout, stderr = _cli("segment", *flags, "--skip_bad")
+    assert code == 0 and f"skipped: image {folder / 'huge.png'} is too large" in stderr
+    assert "1 images segmented" in stdout
+    code, _, stderr = _cli("segment", *flags, "--th_img=abc")
+    assert code == 2 and stderr.strip().splitlines()[-1] == (
+        "error: --th_img=abc: expected comma-separated numbers, e.g. --th_img=0.6,0.8")

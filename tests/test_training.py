@@ -1,4 +1,5 @@
 """Training loops: configs, schedules, stage 2 freezing, run directories and their errors."""
+import errno
 import json
 import os
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import mess_cli
 from mess_tf import checkpoints, network, optimizers, training
 from mess_tf.keras_lib import keras
 import _train_worker as fixtures
@@ -145,6 +147,35 @@ def test_wrong_batches_and_missing_checkpoints_are_clear_errors(tmp_path):
         checkpoints.resolve_checkpoint(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         checkpoints.resolve_checkpoint(str(tmp_path / "ckpt-7"))
+
+
+def test_a_failed_checkpoint_write_is_one_error_and_a_rerun_removes_what_it_left(tmp_path, monkeypatch):
+    run_dir = str(tmp_path / "run")
+    save = tf.train.CheckpointManager.save
+
+    def disk_full_at_step_2(manager, checkpoint_number=None, **kwargs):
+        if checkpoint_number != 2:
+            return save(manager, checkpoint_number=checkpoint_number, **kwargs)
+        part = os.path.join(run_dir, "ckpt-2_temp", "part-00000-of-00001.data-00000-of-00001.tempstate1")
+        os.makedirs(os.path.dirname(part))  # what TensorFlow's SaveV2 leaves when the disk fills up
+        open(part, "wb").close()
+        raise tf.errors.ResourceExhaustedError(None, None, f"{part}; No space left on device [Op:SaveV2]")
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", disk_full_at_step_2)
+    config = _config(stage="baseline", exits=(), steps=4, checkpoint_every=2, eval_batches=0)
+    with pytest.raises(OSError) as raised:
+        training.train(fixtures.tiny_network_config(), config, fixtures.synthetic_dataset(4), run_dir)
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, os.path.join(run_dir, "ckpt-2"))
+    assert mess_cli.write_error(raised.value).startswith(
+        f"cannot write {run_dir}/ckpt-2: checkpoint not written: No space left on device (")
+    assert not os.path.exists(os.path.join(run_dir, "ckpt-2_temp"))
+    monkeypatch.undo()
+    # A run killed while it wrote leaves a checkpoint's temporary folder and a temporary file.
+    os.makedirs(os.path.join(run_dir, "ckpt-4_temp"))
+    open(os.path.join(run_dir, ".metrics.json.k2x9.tmp"), "w").close()
+    result = training.train(fixtures.tiny_network_config(), config, fixtures.synthetic_dataset(4), run_dir)
+    assert result.checkpoint.endswith("ckpt-4")
+    assert not [name for name in os.listdir(run_dir) if name.endswith(("_temp", ".tmp"))]
 
 
 def test_baseline_trains_only_the_final_exit(tmp_path):

@@ -6,9 +6,12 @@ ones. Both are trained briefly on a task they can learn (each pixel's class is w
 prototype colours its region has), so their class maps have real margins and int8 can be held to
 the float model's mIoU.
 """
+import json
 import os
+import re
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -194,6 +197,93 @@ def test_stage_two_trains_the_exits_of_a_wrap_run_and_calibrates(tmp_path):
     cache = calibration.calibrate_network(net, result.checkpoint, batches, [f"i{k}" for k in range(8)],
                                           np.linspace(0.5, 0.95, 3), policy.PolicyConfig())
     assert list(cache.exit_ids) == ["stage_a:fcn_w16_b0"] and cache.network_config["kind"] == "wrapped"
+    assert cache.network_identity == cost_model.network_identity(net)  # the search checks the table against it
+
+
+def _evil_hdf5_model(path, marker):
+    """A model whose Lambda creates `marker` whenever Keras builds it, saved as HDF5 and named `path` (.keras)."""
+    image = keras.Input((32, 32, 3), name="image")
+    touched = layers.Lambda(lambda x, m=str(marker): (open(m, "w").close(), x)[1], name="side_effect")(image)
+    keras.Model(image, layers.Conv2D(2, 1, name="classifier")(touched)).save(str(path) + ".h5")
+    os.rename(str(path) + ".h5", path)
+    os.remove(marker)  # building it above ran the Lambda once
+
+
+def test_a_renamed_hdf5_model_is_refused_and_none_of_its_code_runs(tmp_path):
+    evil, marker = tmp_path / "evil.keras", tmp_path / "ran"
+    _evil_hdf5_model(evil, marker)
+    refusal = f"cannot load Keras model {evil}: it is an HDF5 (.h5) model, whose loader can run code stored in the file"
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        checkpoints.wrap_run(str(evil), ["classifier"], str(tmp_path / "run"))
+    wrapped = network.WrappedConfig(str(evil), ["classifier"], 2, (32, 32))  # a run config pointing at it
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        network.build(wrapped)  # what tools.train --init_from and every tool taking the run call
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_model_file_naming_a_module_outside_keras_is_refused_before_it_is_imported(tmp_path, monkeypatch):
+    (tmp_path / "planted.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    keras.utils.set_random_seed(0)
+    pooled_skip_model().save(str(tmp_path / "user.keras"))
+    with zipfile.ZipFile(tmp_path / "user.keras") as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(entries["config.json"])
+    config["module"] = "planted"  # where Keras is to find the model's class: it would import planted.py
+    entries["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(tmp_path / "planted.keras", "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    refusal = "it names ['planted.Functional'], outside Keras, which loading would import"
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        network.load_user_model(str(tmp_path / "planted.keras"))
+    assert not (tmp_path / "ran").exists() and "planted" not in sys.modules
+
+
+def test_wrap_never_writes_into_a_folder_that_is_not_empty(tmp_path):
+    keras.utils.set_random_seed(0)
+    pooled_skip_model().save(str(tmp_path / "user.keras"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text("{}")  # an earlier run's, with its checkpoints
+    (run / "ckpt-100.index").write_bytes(b"index")
+    with pytest.raises(ValueError, match=re.escape(f"{run} is not empty (it holds ckpt-100.index, run_config.json): "
+                                                   f"wrap writes a new run folder and never replaces one")):
+        checkpoints.wrap_run(str(tmp_path / "user.keras"), ["stage_a", "stage_b"], str(run))
+    assert sorted(os.listdir(run)) == ["ckpt-100.index", "run_config.json"]
+    assert (run / "run_config.json").read_text() == "{}"
+
+
+def _deeplab(nested):
+    """A user's DeepLab-like model on a MobileNetV2, called as one layer (nested) or built into one graph."""
+    image = keras.Input((32, 32, 3), name="image")
+    if nested:
+        base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, include_top=False, weights=None)
+        features = base(image)
+    else:  # the README's two lines
+        base = keras.applications.MobileNetV2(input_tensor=image, alpha=0.35, include_top=False, weights=None)
+        features = base.get_layer("block_5_add").output
+    return keras.Model(image, layers.Conv2D(3, 1, name="classifier")(features), name="user_deeplab")
+
+
+def test_models_wrap_cannot_cut_are_refused_saying_what_to_do():
+    flat = network.MultiExitNetwork.wrap(_deeplab(nested=False), ["block_2_add", "block_5_add"])
+    assert [p.name for p in flat.backbone.positions] == ["block_2_add", "block_5_add"]
+    image = keras.Input((32, 32, 3))
+    conv = layers.Conv2D(3, 1, name="classifier")
+    any_size = keras.Input((None, None, 3))
+    grey = keras.Input((32, 32, 1))
+    for model, positions, message in [
+            (_deeplab(nested=True), ["block_2_add"], "calls the model(s) ['mobilenetv2_0.35_32'] as one layer, so "
+                                                     "the layers inside (the exit positions) are not in its graph; "
+                                                     "build it as one functional graph"),
+            (keras.Model(any_size, conv(any_size)), ["classifier"], "takes input of shape (None, None, 3); expected "
+                                                                    "RGB images of a fixed size (H, W, 3)"),
+            (keras.Model(grey, layers.Conv2D(3, 1)(grey)), ["classifier"], "takes input of shape (32, 32, 1)"),
+            (keras.Model(image, [conv(image), layers.Conv2D(3, 1)(image)]), ["classifier"],
+             "has 1 input(s) and 2 output(s); expected one input")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            network.MultiExitNetwork.wrap(model, positions)
 
 
 def _cli(*flags, tool="wrap"):
@@ -225,13 +315,13 @@ def test_wrap_cli_writes_a_run_and_refuses_bad_input_in_one_line(tmp_path):
     assert code == 2 and stderr.strip().splitlines()[-1] == (
         "error: the deployment config was made for another network than the one exported (config -> network: "
         "num_classes: 5 -> 4; position_names: ['stage_a'] -> ['stage_a', 'stage_b', 'stage_c'])")
-    for flags, message in [
+    for k, (flags, message) in enumerate([
             (["--positions=stage_a,nowhere"], "layers ['nowhere'] are not in model 'pooled_skip'"),
             (["--positions=stage_a,stem"], None),  # order does not matter: both lie on every path
             (["--positions=skip_pool,stage_c"], "positions ['skip_pool'] of model 'pooled_skip' are bypassed"),
             (["--positions=stage_a", "--class_names=a,b"], "2 class names given; "),
-    ]:
-        code, _, stderr = _cli(f"--model={tmp_path / 'user.keras'}", *flags, f"--output_dir={tmp_path / 'other'}")
+    ]):
+        code, _, stderr = _cli(f"--model={tmp_path / 'user.keras'}", *flags, f"--output_dir={tmp_path / f'other{k}'}")
         if message is None:
             assert code == 0, stderr
             continue
@@ -239,3 +329,9 @@ def test_wrap_cli_writes_a_run_and_refuses_bad_input_in_one_line(tmp_path):
     (tmp_path / "notes.keras").write_text("not a zip")
     code, _, stderr = _cli(f"--model={tmp_path / 'notes.keras'}", "--positions=a", f"--output_dir={tmp_path / 'x'}")
     assert code == 2 and stderr.splitlines()[-1].startswith(f"error: cannot load Keras model {tmp_path / 'notes.keras'}")
+    _deeplab(nested=True).save(str(tmp_path / "nested.keras"))
+    code, _, stderr = _cli(f"--model={tmp_path / 'nested.keras'}", "--positions=block_2_add",
+                           f"--output_dir={tmp_path / 'nested'}")
+    assert code == 2 and "Traceback" not in stderr and stderr.splitlines()[-1].endswith(
+        "not base(image) (two lines in the README's quick start for your own model)")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "nested").exists()

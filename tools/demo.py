@@ -8,13 +8,14 @@ that ships (int8) and in float, profiles every part with LiteRT on this host, se
 configuration per requirement, exports staged int8 models, runs them on the test split side by side
 and writes a report folder.
 A rerun skips the steps already finished; an interrupted step resumes from its checkpoints.
+The run folder is locked while it runs: a second demo into the same --out is refused.
 """
 import time
 
 from absl import flags
 
 import mess_cli
-from mess_tf import experiment
+from mess_tf import experiment, run_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "default", sorted(experiment.PRESETS),
@@ -33,7 +34,8 @@ def main(argv):
 
     exp = experiment.Experiment(FLAGS.out or experiment.default_run_dir(FLAGS.preset), FLAGS.preset, FLAGS.seed,
                                 progress)
-    exp.run()
+    with run_lock.hold(exp.out):
+        exp.run()
     with open(exp.path("report", "summary.md")) as f:
         print("\n" + f.read())
     print(f"report: {exp.path('report')}/ ({time.time() - start:.0f} s in all)")

@@ -114,12 +114,13 @@ def main(argv):
     macs = _part_macs(net, class_map_positions)
     positions = [p.name for p in net.backbone.positions]
     parts = {k: table_lib.PartModel(v, macs=macs.get(k)) for k, v in models.items()}
+    identity = cost_model.network_identity(net)  # the search checks it against the calibration cache's
     parts_dir = FLAGS.parts_dir
     if FLAGS.device.startswith("adb:"):
         parts_dir = parts_dir or os.path.splitext(FLAGS.output)[0] + "_parts"
     if parts_dir:
         parts = table_lib.PartManifest.write(parts_dir, parts, positions, FLAGS.precision, net.backbone.input_size,
-                                             policy_config).parts
+                                             policy_config, identity).parts
         print(f"wrote {len(parts)} part models and {table_lib.MANIFEST_NAME} to {parts_dir}")
     if FLAGS.device == "none":
         return
@@ -128,17 +129,17 @@ def main(argv):
         timing = host.HostTimingConfig(num_threads=FLAGS.threads, warmup_runs=FLAGS.warmup_runs,
                                        num_runs=FLAGS.num_runs, block_runs=FLAGS.block_runs)
         table = host.measure_parts(parts, FLAGS.output, key, positions, timing, policy_config=policy_config,
-                                   progress=progress.throttled(_print_turns))
+                                   progress=progress.throttled(_print_turns), network_identity=identity)
     else:
         table = _profile_phone(FLAGS.device.partition(":")[2], parts, positions, net.backbone.input_size,
-                               policy_config)
+                               policy_config, identity)
     print(f"wrote {FLAGS.output}: {len(table.part_keys())} parts on {table.key.device}")
     for k in table.part_keys():
         entry = table.get(k)
         print(f"  {k:<60} median {entry.median_ms:8.3f} ms  p90 {entry.p90_ms:8.3f} ms")
 
 
-def _profile_phone(serial, parts, positions, input_size, policy_config):
+def _profile_phone(serial, parts, positions, input_size, policy_config, network_identity):
     from android_bench import adb as adb_lib
     from android_bench import benchmark
 
@@ -148,7 +149,7 @@ def _profile_phone(serial, parts, positions, input_size, policy_config):
     options = benchmark.BenchmarkOptions(num_threads=FLAGS.threads, num_runs=FLAGS.num_runs,
                                          warmup_runs=FLAGS.warmup_runs)
     job = benchmark.TableJob(FLAGS.output, tuple(positions), parts, FLAGS.precision, tuple(input_size), options,
-                             policy_config)
+                             policy_config, network_identity)
     return benchmark.run_job(phone, job)
 
 

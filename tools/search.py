@@ -49,7 +49,11 @@ def load_costs(latency_path, macs_path, stat):
         raise ValueError("give exactly one of --latency (a latency table) or --macs (a MACs cost JSON)")
     if latency_path:
         from mess_tf.latency.table import LatencyTable  # noqa: PLC0415  (heavy; only when used)
-        return LatencyTable.load(latency_path).cost_table(stat)
+        table = LatencyTable.load(latency_path)
+        if table.network_identity is None:
+            print(f"note: {latency_path} was profiled before tables recorded their network; only its input size "
+                  f"is checked against the cache's (profile again to have the network checked)")
+        return table.cost_table(stat)
     d = io_utils.read_json(macs_path, "MACs cost file (--macs)")
     missing = [k for k in ("positions", "segment", "head", "final_head") if k not in d]
     if missing or d.get("unit", "MACs") != "MACs":
@@ -81,7 +85,7 @@ def _objective_args(unit):
 def _row(name, r):
     return {"name": name, "exits": " > ".join(f"{e.exit_id}@{e.th_pix:.2f}/{e.th_img:.2f}" for e in r.exits) or "-",
             "miou": 100 * r.miou, "expected": r.expected_cost, "worst": r.worst_cost,
-            "final_fraction": r.exit_fractions[-1]}
+            "final_fraction": r.final_fraction}
 
 
 def _progress(name):
@@ -91,10 +95,11 @@ def _progress(name):
 
 def main(argv):
     del argv
+    th_img_grid = mess_cli.float_list("th_img")
     cache = calibration.CalibrationCache.load(FLAGS.cache)
     costs = load_costs(FLAGS.latency, FLAGS.macs, FLAGS.stat)
     objective, kwargs = _objective_args(costs.unit)
-    common = dict(costs=costs, th_img_grid=[float(t) for t in FLAGS.th_img], mode=FLAGS.mode,
+    common = dict(costs=costs, th_img_grid=th_img_grid, mode=FLAGS.mode,
                   max_exits=FLAGS.max_exits, allowed_exits=FLAGS.exits, workers=FLAGS.workers,
                   time_limit_s=FLAGS.time_limit_s)
     chosen = search.search(cache, objective=objective, **kwargs, **common, progress=_progress(objective))
@@ -118,18 +123,19 @@ def main(argv):
     config = best.deployment_config(cache.network_config, {
         "objective": FLAGS.objective, **kwargs, "cache": os.path.abspath(FLAGS.cache),
         "cache_fingerprint": cache.fingerprint, "calibration_split": cache.split})
-    config.save(os.path.join(out, "CONFIG.json"))
-    io_utils.write_json(os.path.join(out, "report.json"), {
-        "objective": FLAGS.objective, **kwargs, "mode": FLAGS.mode, "unit": costs.unit,
-        "space_size": chosen.space_size, "evaluated": chosen.evaluated, "complete": complete,
-        "exact_exits": exact_exits,
-        "seconds": chosen.seconds + front.seconds, "chosen": best.to_dict(), "final": chosen.final.to_dict(),
-        "pareto_front": [r.to_dict() for r in front.front]})
     points = [(r.expected_cost, 100 * r.miou) for r in front.front]
-    report.pareto_plot(os.path.join(out, "pareto.png"), points, points,
-                       markers=[("final exit (baseline)", chosen.final.expected_cost, 100 * chosen.final.miou),
-                                ("chosen", best.expected_cost, 100 * best.miou)],
-                       unit=costs.unit, title=f"mIoU vs expected cost ({FLAGS.mode}, calibration split)")
+    with io_utils.together():  # a CONFIG.json beside the report and plot of another search would mislead
+        config.save(os.path.join(out, "CONFIG.json"))
+        io_utils.write_json(os.path.join(out, "report.json"), {
+            "objective": FLAGS.objective, **kwargs, "mode": FLAGS.mode, "unit": costs.unit,
+            "space_size": chosen.space_size, "evaluated": chosen.evaluated, "complete": complete,
+            "exact_exits": exact_exits,
+            "seconds": chosen.seconds + front.seconds, "chosen": best.to_dict(), "final": chosen.final.to_dict(),
+            "pareto_front": [r.to_dict() for r in front.front]})
+        report.pareto_plot(os.path.join(out, "pareto.png"), points, points,
+                           markers=[("final exit (baseline)", chosen.final.expected_cost, 100 * chosen.final.miou),
+                                    ("chosen", best.expected_cost, 100 * best.miou)],
+                           unit=costs.unit, title=f"mIoU vs expected cost ({FLAGS.mode}, calibration split)")
     print(f"wrote {out}/CONFIG.json, report.json, pareto.png")
 
 

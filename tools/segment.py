@@ -52,12 +52,24 @@ def images_to_segment(num_classes):
     return [(s.name, s.image_path) for s in dataset.samples(FLAGS.split)]
 
 
+def check_output_outside_input():
+    """Raises if --output is the input folder or lies inside it: its PNGs would replace input
+    images (x.png for x.jpg too) or be read as inputs by the next run."""
+    flag, source = ("--images", FLAGS.images) if FLAGS.images is not None else ("--data_dir", FLAGS.data_dir)
+    output, inside = os.path.realpath(FLAGS.output), os.path.realpath(source)
+    if os.path.commonpath([output, inside]) == inside:
+        where = "is" if output == inside else "lies inside"
+        raise ValueError(f"--output={FLAGS.output} {where} the input folder {flag}={source}: the class maps would "
+                         f"overwrite or mix with the images; give an output folder outside it")
+
+
 def main(argv):
     del argv
     if (FLAGS.images is None) == (FLAGS.data_dir is None):
         raise ValueError("give either --images=DIR or --data_dir (with --dataset and --split)")
+    check_output_outside_input()
+    th_img = mess_cli.float_list("th_img") if FLAGS.th_img else None
     model = runtime.StagedModel.load(FLAGS.model, FLAGS.num_threads)
-    th_img = [float(t) for t in FLAGS.th_img] if FLAGS.th_img else None
     taken, skipped = [], []
     for name, path in images_to_segment(len(model.metadata["classes"])):
         try:

@@ -5,6 +5,8 @@ each backbone segment between consecutive candidate positions, each exit head at
 position, and the final head. MACs are per image at the network's input size.
 """
 import dataclasses
+import hashlib
+import json
 
 from mess_tf import backbones, graph, heads, network
 from mess_tf.costs import macs
@@ -115,9 +117,28 @@ def costs_of(net):
       NetworkCosts.
     """
     pairs = [network.parse_exit_id(e) for e in net.exit_ids]
-    # The final head: the net's own layers after the backbone (a built-in head or a user's alike).
-    head_layers = graph.ancestors([net.logits(FINAL_EXIT)]) - graph.ancestors([net.backbone.model.output])
-    final = _part_cost([layer for layer in graph.topological_layers([net.logits(FINAL_EXIT)])
-                        if layer.name in head_layers])
     return network_costs(net.config, sorted({h for _, h in pairs}, key=lambda h: h.id), sorted({p for p, _ in pairs}),
-                         backbone=net.backbone, final=final)
+                         backbone=net.backbone, final=_final_head_cost(net))
+
+
+def _final_head_cost(net):
+    """The final head's cost: the net's own layers after the backbone (a built-in head or a user's alike)."""
+    head_layers = graph.ancestors([net.logits(FINAL_EXIT)]) - graph.ancestors([net.backbone.model.output])
+    return _part_cost([layer for layer in graph.topological_layers([net.logits(FINAL_EXIT)])
+                       if layer.name in head_layers])
+
+
+def network_identity(net):
+    """What identifies a network's architecture, recorded in the files computed or timed on it (the
+    calibration cache, the latency table) so that the search can refuse a pair made on two networks.
+
+    Returns:
+      {"input_size": [H, W], "num_classes": C, "parts": a 16-hex fingerprint of every position's
+      name, stride, channels and MACs and of the final head's MACs, which differ with the
+      backbone, its width, the head and the input size}.
+    """
+    parts = {"positions": [[p.name, p.stride, p.channels, p.cumulative_macs] for p in net.backbone.positions],
+             "final_head_macs": _final_head_cost(net).macs}
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return {"input_size": list(net.backbone.input_size), "num_classes": int(net.logits(FINAL_EXIT).shape[-1]),
+            "parts": digest}

@@ -41,6 +41,8 @@ class CostTable:
         the head's count already holds the upsampling).
       policy: the PolicyConfig whose image confidence the head costs include (measured
         latencies); None where they hold for any policy (MACs count no confidence).
+      network_identity: what identifies the network the costs are of, as far as known (see
+        LatencyTable.identity); None if unknown.
     """
 
     positions: tuple
@@ -50,6 +52,7 @@ class CostTable:
     unit: str
     class_map: Optional[dict] = None
     policy: Optional[PolicyConfig] = None
+    network_identity: Optional[dict] = None
 
     def __post_init__(self):
         object.__setattr__(self, "positions", tuple(self.positions))

@@ -108,15 +108,23 @@ class Dataset:
 
 def files_by_stem(folder, extensions, suffix=""):
     """{name: path} of the files under `folder` (recursively) ending in `suffix` + one of `extensions`;
-    the name is the path relative to `folder` minus that ending. Raises FileNotFoundError if
-    `folder` does not exist."""
+    the name is the path relative to `folder` minus that ending.
+
+    Raises:
+      FileNotFoundError if `folder` does not exist; ValueError naming both files if two share a
+      name (x.png and x.jpg): outputs and labels are paired by name, so one would be dropped.
+    """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"folder not found: {folder}")
     found = {}
-    for dirpath, _, filenames in os.walk(folder):
-        for filename in filenames:
+    for dirpath, _, filenames in sorted(os.walk(folder)):
+        for filename in sorted(filenames):
             stem, ext = os.path.splitext(filename)
             if ext.lower() in extensions and stem.endswith(suffix) and not filename.startswith("."):
                 relative = os.path.relpath(os.path.join(dirpath, stem[:len(stem) - len(suffix)]), folder)
-                found[relative.replace(os.sep, "/")] = os.path.join(dirpath, filename)
+                name, path = relative.replace(os.sep, "/"), os.path.join(dirpath, filename)
+                if name in found:
+                    raise ValueError(f"{found[name]} and {path} have the same name without their extension; "
+                                     f"rename one of them (files are paired and written by that name)")
+                found[name] = path
     return found

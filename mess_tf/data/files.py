@@ -23,9 +23,16 @@ def _open(path, what):
     try:
         image = Image.open(path)
         image.load()
+    except Image.DecompressionBombError as e:
+        raise _too_large(what, path, e) from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable and truncated files
         raise ValueError(f"{what} {path} is corrupt or truncated: {e}") from None
     return image
+
+
+def _too_large(what, path, error):
+    """The ValueError for PIL's guard against images that would exhaust memory when decoded."""
+    return ValueError(f"{what} {path} is too large to decode safely ({str(error).split(',')[0]}); shrink it first")
 
 
 def load_image(path):
@@ -75,6 +82,8 @@ def image_size(path):
     try:
         with Image.open(path) as image:
             return image.size
+    except Image.DecompressionBombError as e:
+        raise _too_large("image", path, e) from None
     except (OSError, SyntaxError) as e:
         raise ValueError(f"image {path} is not a readable image: {e}") from None
 

@@ -227,7 +227,7 @@ SAVE_RUNS_S = 2.0  # how often measure_parts saves its runs: rewriting them cost
 
 
 def measure_parts(parts, path, key, positions, config=HostTimingConfig(), notes="", policy_config=PolicyConfig(),
-                  progress=None):
+                  progress=None, network_identity=None):
     """Fills the latency table at `path` by timing the parts' models on the host, taking turns
     (`alternate`).
 
@@ -246,6 +246,8 @@ def measure_parts(parts, path, key, positions, config=HostTimingConfig(), notes=
         in the table; export.convert_parts's default is PolicyConfig() too).
       progress: optional callable(turn, turns, parts) whenever the runs are saved (turns counts
         from the saved runs on when resuming).
+      network_identity: cost_model.network_identity of the parts' network (recorded in the table,
+        which the search checks against the calibration cache's).
 
     Returns:
       The LatencyTable.
@@ -256,7 +258,8 @@ def measure_parts(parts, path, key, positions, config=HostTimingConfig(), notes=
     metadata = {"tool": "mess_tf.latency.host", "runtime": runtime_version(), "delegate": "XNNPACK",
                 "warmup_runs": config.warmup_runs, "num_runs": config.num_runs, "block_runs": config.block_runs,
                 "pinned_cpus": None if config.cpus is None else sorted(config.cpus), "notes": notes}
-    table = table_lib.resume(path, table_lib.LatencyTable(key, positions, metadata=metadata, policy=policy_config))
+    table = table_lib.resume(path, table_lib.LatencyTable(key, positions, metadata=metadata, policy=policy_config,
+                                                          network_identity=network_identity))
     table.save(path)  # fails early on an unwritable path; marks the run as started
     todo = sorted(table.missing(list(parts)), key=table.depth_order)
     runs_path = f"{path}.runs.json"

@@ -4,7 +4,9 @@ A LatencyTable holds, for one (device, precision, threads, input size), the late
 backbone segment (keyed by the candidate position it ends at), each exit head up to its image
 confidence (keyed by exit id `position:head_id`), the class map of an exit at each position
 (upsampling the coarse logits and the argmax: the same for every head there), and the final
-head, each with its median and p90 over repeated timed runs after warm-up, plus its MACs. Heads
+head, each with its median and p90 over repeated timed runs after warm-up, plus its MACs. It
+records what identifies the network it timed (cost_model.network_identity), which the search
+checks against the calibration cache's. Heads
 and class maps are apart because a staged model computes an exit's class map only for the
 images that leave there (export.py). A head's time includes its in-graph image confidence, so the
 table records the exit policy it was timed with (`policy`), and the search refuses to combine it
@@ -166,6 +168,8 @@ class LatencyTable:
       final_head: PartLatency of the final head (class map included), or None until measured.
       metadata: date, tool, runtime version, notes (JSON-serialisable).
       policy: the PolicyConfig whose image confidence the heads were timed with.
+      network_identity: cost_model.network_identity of the network timed (None in tables
+        written before it was recorded).
     """
 
     key: TableKey
@@ -176,6 +180,7 @@ class LatencyTable:
     metadata: dict = dataclasses.field(default_factory=dict)
     class_maps: dict = dataclasses.field(default_factory=dict)
     policy: PolicyConfig = PolicyConfig()
+    network_identity: Optional[dict] = None
 
     def __post_init__(self):
         self.positions = tuple(self.positions)
@@ -239,7 +244,7 @@ class LatencyTable:
         self._check_compatible(other, "merge")
         merged = LatencyTable(self.key, self.positions, dict(self.segments), dict(self.heads),
                               self.final_head, {**self.metadata, **other.metadata}, dict(self.class_maps),
-                              self.policy)
+                              self.policy, self.network_identity or other.network_identity)
         for key in other.part_keys():
             merged.set(key, other.get(key))
         return merged
@@ -253,6 +258,10 @@ class LatencyTable:
         if other.policy != self.policy:
             raise ValueError(f"cannot {what} latency tables whose heads were timed with different exit policies: "
                              f"{self.policy.to_dict()} vs {other.policy.to_dict()}")
+        identities = (self.network_identity, other.network_identity)
+        if None not in identities and identities[0] != identities[1]:  # a table of unrecorded network fits any
+            raise ValueError(f"cannot {what} latency tables of different networks: {self.network_identity} vs "
+                             f"{other.network_identity}")
 
     # ---- composition ------------------------------------------------------------------------
 
@@ -270,7 +279,13 @@ class LatencyTable:
                          segment={p: e.stat(stat) for p, e in self.segments.items()},
                          head={h: e.stat(stat) for h, e in self.heads.items()},
                          final_head=self.final_head.stat(stat), unit="ms",
-                         class_map={h: e.stat(stat) for h, e in self.class_maps.items()}, policy=self.policy)
+                         class_map={h: e.stat(stat) for h, e in self.class_maps.items()}, policy=self.policy,
+                         network_identity=self.identity())
+
+    def identity(self):
+        """What identifies the network timed, as far as the table records it: its network_identity,
+        or for a table written before that was recorded, its input size."""
+        return {"input_size": list(self.key.input_size), **(self.network_identity or {})}
 
     def expected_latency(self, config, exit_fractions, stat="median"):
         """Expected latency per image (ms) of a DeploymentConfig for a distribution over
@@ -295,6 +310,7 @@ class LatencyTable:
             "final_head": None if self.final_head is None else entry(self.final_head),
             "metadata": self.metadata,
             "policy": self.policy.to_dict(),
+            "network_identity": self.network_identity,
         }
 
     def save(self, path):
@@ -354,6 +370,9 @@ def _table_from_dict(d):
     timed_with = d.get("policy", {})
     if not isinstance(timed_with, dict):
         raise ValueError(f"policy must be an object (a PolicyConfig), got {type(timed_with).__name__}")
+    identity = d.get("network_identity")
+    if identity is not None and not isinstance(identity, dict):
+        raise ValueError(f"network_identity must be an object or null, got {type(identity).__name__}")
     return LatencyTable(
         key=TableKey(key["device"], key["precision"], key["threads"], tuple(key["input_size"])),
         positions=tuple(d["positions"]),
@@ -362,7 +381,7 @@ def _table_from_dict(d):
         final_head=None if final is None else _entry_from_dict(FINAL_HEAD, final),
         metadata=dict(d["metadata"]),
         class_maps={p: _entry_from_dict(f"class_map:{p}", e) for p, e in d["class_maps"].items()},
-        policy=PolicyConfig.from_dict(timed_with))
+        policy=PolicyConfig.from_dict(timed_with), network_identity=identity)
 
 
 def resume(path, table):
@@ -375,7 +394,8 @@ def resume(path, table):
         table._check_compatible(saved, "resume")  # pylint: disable=protected-access
     except ValueError as e:
         raise ValueError(f"cannot resume from {path}: {e}; move it away or pick another output") from None
-    return saved.merge(LatencyTable(table.key, table.positions, metadata=dict(table.metadata), policy=table.policy))
+    return saved.merge(LatencyTable(table.key, table.positions, metadata=dict(table.metadata), policy=table.policy,
+                                    network_identity=table.network_identity))
 
 
 def fill_table(path, table, parts, measure, macs=None):
@@ -437,6 +457,7 @@ class PartManifest:
       precision: one of PRECISIONS.
       input_size: (H, W) in pixels the parts were built for.
       policy: the PolicyConfig of the heads' image confidences (recorded in the tables).
+      network_identity: cost_model.network_identity of their network (recorded in the tables).
     """
 
     positions: tuple
@@ -444,6 +465,7 @@ class PartManifest:
     precision: str
     input_size: tuple
     policy: PolicyConfig = PolicyConfig()
+    network_identity: Optional[dict] = None
 
     def __post_init__(self):
         object.__setattr__(self, "positions", tuple(self.positions))
@@ -454,12 +476,12 @@ class PartManifest:
             raise ValueError(f"input_size must be two positive integers (H, W), got {self.input_size!r}")
 
     @classmethod
-    def write(cls, folder, models, positions, precision, input_size, policy=PolicyConfig()):
+    def write(cls, folder, models, positions, precision, input_size, policy=PolicyConfig(), network_identity=None):
         """Writes each part's model to `folder`/<part key>.tflite and the parts.json beside them.
 
         Args:
           models: part key -> PartModel whose `model` is the .tflite bytes.
-          positions, precision, input_size, policy: as the attributes.
+          positions, precision, input_size, policy, network_identity: as the attributes.
 
         Returns:
           The PartManifest, its models the written paths.
@@ -470,7 +492,7 @@ class PartManifest:
             path = os.path.join(folder, key.replace(":", "__").replace("/", "_") + ".tflite")  # names hold "/"
             io_utils.write_bytes(path, part.model)
             parts[key] = dataclasses.replace(part, model=path)
-        manifest = cls(positions, parts, precision, input_size, policy)
+        manifest = cls(positions, parts, precision, input_size, policy, network_identity)
         manifest.save(folder)
         return manifest
 
@@ -483,7 +505,8 @@ class PartManifest:
                             "macs": part.macs}
         io_utils.write_json(os.path.join(folder, MANIFEST_NAME),
                             {"positions": list(self.positions), "parts": entries, "precision": self.precision,
-                             "input_size": list(self.input_size), "policy": self.policy.to_dict()})
+                             "input_size": list(self.input_size), "policy": self.policy.to_dict(),
+                             "network_identity": self.network_identity})
 
     @classmethod
     def load(cls, path):
@@ -501,7 +524,7 @@ class PartManifest:
                 parse_part_key(key)
                 parts[key] = PartModel(os.path.join(folder, entry["model"]), entry.get("signature"), entry.get("macs"))
             manifest = cls(tuple(d["positions"]), parts, d["precision"], tuple(d["input_size"]),
-                           PolicyConfig.from_dict(d.get("policy", {})))
+                           PolicyConfig.from_dict(d.get("policy", {})), d.get("network_identity"))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"part manifest {path} is malformed ({e}); expected {{'positions': [...], "
                              "'precision': ..., 'input_size': [H, W], 'parts': {part key: {'model': file, "
