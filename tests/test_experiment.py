@@ -15,8 +15,9 @@ from mess_tf.headline import tail_gain
 from mess_tf.latency import host
 from mess_tf.latency import table as table_lib
 
-ROW_NAMES = ["baseline", "baseline_same_budget", "no_loss", "drop_1pp", "baseline_cost"]
-MESS_ROWS = ROW_NAMES[2:]
+ROW_NAMES = ["baseline", "baseline_same_budget", "mess_final", "no_loss", "drop_1pp", "baseline_cost"]
+MESS_ROWS = ROW_NAMES[2:]  # the MESS network's final exit alone, and one deployment per requirement
+SEARCHED = ROW_NAMES[3:]
 FIXED_MS = {table_lib.SEGMENT: 1.0, table_lib.HEAD: 0.1, table_lib.CLASS_MAP: 0.2, table_lib.FINAL_HEAD: 2.0}
 
 
@@ -58,29 +59,44 @@ def test_headline_rows_measure_and_predict_every_deployment(quick_run):
         # test_runtime; here the parts are also cut at exits the model does not deploy, which
         # moves a few pixels of rounding).
         assert row["miou_test_cache"] == pytest.approx(row["miou_test"], abs=0.05)
+    for name, row in rows.items():  # intervals from one set of resamples: paired, row against row
+        low, high = row["miou_ci95"]
+        assert 0 <= low <= high <= 100
+        if name != "baseline_same_budget":
+            assert row["vs_bar_pp"] == pytest.approx(row["miou_test"] - bar["miou_test"])
+            assert row["vs_bar_ci95"][0] <= row["vs_bar_ci95"][1]
+        has_final = name in MESS_ROWS and name != "mess_final"
+        assert (row["vs_mess_final_pp"] is not None) == has_final
+        if has_final:
+            assert row["vs_mess_final_pp"] == pytest.approx(row["miou_test"] - rows["mess_final"]["miou_test"])
+    assert bar["vs_bar_pp"] is None and bar["vs_bar_ci95"] is None
     with open(os.path.join(out, "report", "headline.json")) as f:
         assert json.load(f) == headline
 
 
 def test_goals_ceilings_and_oracle_are_reported(quick_run):
     _, headline, _ = quick_run
-    assert len(headline["goals"]) == 9 and all(isinstance(g["met"], bool) for g in headline["goals"])
+    assert len(headline["goals"]) == 12 and all(isinstance(g["met"], bool) for g in headline["goals"])
     ceilings, oracle = headline["ceilings"], headline["oracle"]
     assert [c["position"] for c in ceilings] == experiment.Experiment("unused", "quick").exit_positions()
     assert all(c["speedup"] > 1 for c in ceilings)  # leaving early always skips work in the fixed table
     assert 1 <= oracle["speedup"] <= max(c["speedup"] for c in ceilings) + 1e-9
     assert sum(oracle["exit_fractions"].values()) == pytest.approx(1.0)
     assert all(0 <= c["miou"] <= c["best_head_miou"] <= 100 for c in ceilings)
-    noise = headline["noise"]
-    # Zero when the two networks' final exits agree on every image, as weakly trained ones may.
-    assert noise["images"] == 64 and noise["bar_sd_pp"] >= 0 and noise["difference_sd_pp"] >= 0
-    low, high = noise["difference_ci95_pp"]
-    assert low <= high
+    sizing = headline["calibration_sizing"]
+    assert sizing["calibration_images"] == sizing["test_images"] == 64
+    assert sizing["calibration_sd_pp"] >= 0 and sizing["test_sd_pp"] >= 0 and sizing["error_95_pp"] >= 0
+    curves = headline["stage2_curves"]  # every exit, at every evaluation of stage 2
+    assert len(curves) == 4 and all([s for s, _ in c] == [10, 20, 30] for c in curves.values())
+    data = headline["data"]
+    assert data["kind"] == "scenes" and data["images"] == 392
+    assert data["stuff_percent"] + data["things_percent"] == pytest.approx(100, abs=0.02)
 
 
 def test_every_artifact_of_the_report_is_written(quick_run):
     out, _, _ = quick_run
-    for name in ("summary.md", "pareto.png", "exit_distribution.png", "examples.png", "latency_breakdown.png"):
+    for name in ("summary.md", "pareto.png", "exit_distribution.png", "examples.png", "latency_breakdown.png",
+                 "stage2_curves.png"):
         assert os.path.getsize(os.path.join(out, "report", name)) > 0
     for name in ROW_NAMES:
         assert os.path.isfile(os.path.join(out, "models", f"{name}_int8.tflite"))
@@ -89,6 +105,7 @@ def test_every_artifact_of_the_report_is_written(quick_run):
     with open(os.path.join(out, "report", "summary.md")) as f:
         summary = f.read()
     assert "| baseline_same_budget |" in summary and "## Goals" in summary and "## The ceiling" in summary
+    assert "## The data" in summary and "## The calibration split's size" in summary
 
 
 def _in_the_model_file(config):
@@ -99,7 +116,7 @@ def _in_the_model_file(config):
 
 def test_deployments_that_agree_share_one_model_and_keep_their_own_metadata(quick_run):
     out, _, _ = quick_run
-    configs = {name: DeploymentConfig.load(os.path.join(out, "configs", f"{name}.json")) for name in MESS_ROWS}
+    configs = {name: DeploymentConfig.load(os.path.join(out, "configs", f"{name}.json")) for name in SEARCHED}
     with open(os.path.join(out, "evaluation.json")) as f:
         evaluation = json.load(f)
     for a in configs:
