@@ -26,8 +26,8 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mess_tf.data import demo, pipeline, registry  # noqa: E402
 from mess_tf import provenance  # noqa: E402
+from mess_tf.data import demo, pipeline, registry  # noqa: E402
 from mess_tf.io_utils import write_json  # noqa: E402
 
 SETTINGS = {"autotune on": True, "autotune off (library)": False}

@@ -28,8 +28,19 @@ import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 import mess_cli  # noqa: E402
-from mess_tf import (checkpoints, experiment, export, io_utils, metrics, network, provenance, qat, report,  # noqa: E402
-                     runtime, training)
+from mess_tf import (  # noqa: E402
+    checkpoints,
+    experiment,
+    export,
+    io_utils,
+    metrics,
+    network,
+    provenance,
+    qat,
+    report,
+    runtime,
+    training,
+)
 from mess_tf.deployment import FINAL_EXIT, DeploymentConfig  # noqa: E402
 
 FLAGS = flags.FLAGS

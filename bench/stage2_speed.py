@@ -31,10 +31,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
-from mess_tf import (checkpoints, experiment, headline, io_utils, network, provenance, report,  # noqa: E402
-                     stored_views, training)
-from mess_tf.deployment import FINAL_EXIT  # noqa: E402
 import mess_cli  # noqa: E402
+from mess_tf import checkpoints, experiment, headline, io_utils, network, provenance, report, stored_views, training  # noqa: E402
+from mess_tf.deployment import FINAL_EXIT  # noqa: E402
 
 # (name, stored views, loss stride): the direct path and the stored one with full-resolution losses,
 # and the stored one with the preset's loss stride (when it is not 1).

@@ -22,13 +22,12 @@ import logging
 import os
 
 import numpy as np
-
 import tensorflow as tf
 
 from mess_tf import export, io_utils, policy
 from mess_tf.costs import model as cost_model
-from mess_tf.keras_lib import keras
 from mess_tf.deployment import FINAL_EXIT
+from mess_tf.keras_lib import keras
 
 IGNORE_LABEL = 255
 

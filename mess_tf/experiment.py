@@ -22,12 +22,26 @@ import time
 
 import numpy as np
 
-from mess_tf import (backbones, calibration, checkpoints, export, headline, heads, io_utils, metrics, network, policy,
-                     report, runtime, search, shipped, training)
+from mess_tf import (
+    backbones,
+    calibration,
+    checkpoints,
+    export,
+    headline,
+    heads,
+    io_utils,
+    metrics,
+    network,
+    policy,
+    report,
+    runtime,
+    search,
+    shipped,
+    training,
+)
 from mess_tf.costs import model as cost_model
-from mess_tf.deployment import FINAL_EXIT
 from mess_tf.data import demo, pipeline, registry
-from mess_tf.deployment import DeploymentConfig, ExitChoice
+from mess_tf.deployment import FINAL_EXIT, DeploymentConfig
 from mess_tf.latency import host
 from mess_tf.latency import table as table_lib
 

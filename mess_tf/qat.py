@@ -44,7 +44,8 @@ def quantize_aware(model, backbone_name=None):
     try:
         import tensorflow_model_optimization as tfmot
         from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
-            default_8bit_quantize_registry)
+            default_8bit_quantize_registry,
+        )
     except ImportError as e:
         raise QatUnavailable(f"tensorflow-model-optimization is not installed ({e})") from None
     registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()

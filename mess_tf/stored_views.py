@@ -29,7 +29,6 @@ import shutil
 import numpy as np
 
 from mess_tf import io_utils
-from mess_tf.deployment import FINAL_EXIT as FINAL
 
 FOLDER = "stored_views"
 HEADER = "store.json"

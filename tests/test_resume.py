@@ -4,10 +4,10 @@ import signal
 import subprocess
 import sys
 
+import _train_worker as fixtures
 import numpy as np
 import tensorflow as tf
 
-import _train_worker as fixtures
 from mess_tf import training
 
 WORKER = os.path.join(os.path.dirname(__file__), "_train_worker.py")

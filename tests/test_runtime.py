@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_export import EXITS, calibrate_batch_norm, dynamic_config, images, tiny_config
 
 from mess_tf import deployment, export, network, policy, runtime
 from mess_tf.keras_lib import keras
-from test_export import EXITS, calibrate_batch_norm, dynamic_config, images, tiny_config
 
 TIE_EPSILON = 1e-3  # logits this close are a tie: float rounding may pick either class
 

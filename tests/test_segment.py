@@ -10,11 +10,11 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+from test_export import EXITS, calibrate_batch_norm, dynamic_config, images, tiny_config
 
 from mess_tf import export, metrics, network, runtime, visualize
 from mess_tf.data import ade20k, cityscapes, files, registry, voc
 from mess_tf.keras_lib import keras
-from test_export import EXITS, calibrate_batch_norm, dynamic_config, images, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = ((40, 72), (96, 50), (64, 64))  # (h, w): wider, taller than and equal to the 64x64 input

@@ -4,12 +4,12 @@ import json
 import logging
 import os
 
+import _train_worker as fixtures
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from mess_tf import stored_views, training
-import _train_worker as fixtures
 
 EXITS = ("block_2_add:fcn_w8_b0", "block_5_add:aspp_w8")
 IMAGES = 16  # synthetic_dataset's epoch

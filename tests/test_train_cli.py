@@ -5,10 +5,10 @@ import sys
 
 import pytest
 import tensorflow as tf
-
-from mess_tf import checkpoints
 from test_datasets import _folder_tree
 from test_export import tiny_config
+
+from mess_tf import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

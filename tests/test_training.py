@@ -3,6 +3,7 @@ import errno
 import json
 import os
 
+import _train_worker as fixtures
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -10,7 +11,6 @@ import tensorflow as tf
 import mess_cli
 from mess_tf import checkpoints, network, optimizers, training
 from mess_tf.keras_lib import keras
-import _train_worker as fixtures
 
 CLASS_NAMES = tuple(f"thing {i}" for i in range(fixtures.NUM_CLASSES))
 STAGE2_EXITS = ("block_2_add:fcn_w8_b0", "block_2_add:fcn_w8_b1", "block_5_add:aspp_w8")

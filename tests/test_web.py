@@ -12,7 +12,6 @@ import shutil
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
 from mess_tf import deployment, experiment, export, io_utils, network, runtime, shipped, web

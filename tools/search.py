@@ -12,8 +12,8 @@ few seconds, and --time_limit_s=S keeps the best found in S seconds, flagged as 
 import math
 import os
 
-from absl import flags
 import numpy as np
+from absl import flags
 
 import mess_cli
 from mess_tf import calibration, io_utils, progress, report, search

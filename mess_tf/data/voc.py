@@ -7,7 +7,8 @@ labels in SegmentationClassAug/ (single-channel PNGs of class indices).
 """
 import os
 
-from mess_tf.data import dataset, info as info_lib
+from mess_tf.data import dataset
+from mess_tf.data import info as info_lib
 
 CLASS_NAMES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -24,10 +24,10 @@ import numpy as np
 from ai_edge_litert import interpreter as litert
 
 from mess_tf import io_utils
-from mess_tf.progress import throttled
 from mess_tf.latency import table as table_lib
 from mess_tf.latency.table import Timing
 from mess_tf.policy import PolicyConfig
+from mess_tf.progress import throttled
 
 
 @dataclasses.dataclass(frozen=True)
