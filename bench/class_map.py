@@ -66,7 +66,8 @@ def class_map_latency(exp, strides, images):
                 calls[(key, stride)] = host.signature_calls(model)
         size = export.class_map_size(net.backbone.input_size, policy.PolicyConfig(class_map_stride=stride))
         low_res = np.zeros((1, *size), np.uint8)
-        calls[("app upsampling (numpy)", stride)] = lambda low_res=low_res, s=stride: export.upsample_class_map(low_res, s)
+        calls[("app upsampling (numpy)", stride)] = (
+            lambda low_res=low_res, s=stride: export.upsample_class_map(low_res, s))
         exp.progress(f"  converted the class maps at stride {stride}")
     samples = host.alternate(calls, host.HostTimingConfig(num_threads=1, warmup_runs=5, num_runs=FLAGS.num_runs))
     out = {}
@@ -92,10 +93,12 @@ def main(argv):
             row.update({f"mIoU s={s}": by_stride[s][eid] for s in strides})
             row.update({f"drop s={s} (pp)": by_stride[strides[0]][eid] - by_stride[s][eid] for s in strides[1:]})
             rows.append(row)
-    latency_rows = [{"part": key, **{f"ms s={s}": ms for s, ms in by_stride.items()}} for key, by_stride in latency.items()]
+    latency_rows = [{"part": key, **{f"ms s={s}": ms for s, ms in by_stride.items()}}
+                    for key, by_stride in latency.items()]
     markdown = (f"## Class maps at a coarser resolution (test split, {len(images)} images)\n\nmIoU in % of the float "
                 f"networks with each class_map_stride s, and the drop against s={strides[0]}:\n\n"
-                + report.markdown_table(rows, list(rows[0]), {c: ".2f" for c in rows[0] if c not in ("network", "exit")})
+                + report.markdown_table(rows, list(rows[0]),
+                                        {c: ".2f" for c in rows[0] if c not in ("network", "exit")})
                 + "\n\nint8 LiteRT latency (median ms, 1 thread, taking turns) of each class-map part and of the final "
                   "head, which ends at its class map; and the app's nearest-neighbour upsampling in numpy:\n\n"
                 + report.markdown_table(latency_rows, list(latency_rows[0]),

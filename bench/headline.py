@@ -35,7 +35,8 @@ flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(os.path.abspath(
 def third_exit(exp, time_limit_s):
     """Rows comparing the exact 2-exit optimum with the best 3-exit configuration found in time."""
     cache, costs = exp.cache(), exp.cost_table()
-    objectives = {"no_loss (min ms)": exp.requirement("no_loss"), "baseline_cost (max mIoU)": exp.requirement("baseline_cost")}
+    objectives = {"no_loss (min ms)": exp.requirement("no_loss"),
+                  "baseline_cost (max mIoU)": exp.requirement("baseline_cost")}
     rows = []
     for name, (objective, kwargs) in objectives.items():
         for exits, limit in ((2, None), (3, time_limit_s)):

@@ -59,14 +59,16 @@ def main(argv):
             "images_other_exit": sum(a.exit_index != b.exit_index for a, b in zip(int8, uint8)),
             "images_other_class_map": sum(not np.array_equal(a.class_map, b.class_map) for a, b in zip(int8, uint8)),
             "images_other_confidence": sum(a.confidences != b.confidences for a, b in zip(int8, uint8)),
-            "size_int8_io": os.path.getsize(paths[name, "int8"]), "size_uint8_io": os.path.getsize(paths[name, "uint8"]),
+            "size_int8_io": os.path.getsize(paths[name, "int8"]),
+            "size_uint8_io": os.path.getsize(paths[name, "uint8"]),
         })
     print(f"\n{len(images)} test images, ai-edge-litert 1 thread, the four models taking turns\n")
     print("| model | mIoU int8 I/O | mIoU uint8 I/O | ms int8 I/O | ms uint8 I/O | uint8 / int8 | "
           "images with another exit / class map / confidence | bytes int8 I/O | bytes uint8 I/O |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {100 * r['miou_int8_io']:.2f} | {100 * r['miou_uint8_io']:.2f} | {r['ms_int8_io']:.2f} | "
+        print(f"| {r['model']} | {100 * r['miou_int8_io']:.2f} | {100 * r['miou_uint8_io']:.2f} | "
+              f"{r['ms_int8_io']:.2f} | "
               f"{r['ms_uint8_io']:.2f} | {r['ms_uint8_io'] / r['ms_int8_io']:.3f} | {r['images_other_exit']} / "
               f"{r['images_other_class_map']} / {r['images_other_confidence']} | {r['size_int8_io']} | "
               f"{r['size_uint8_io']} |")

@@ -85,7 +85,8 @@ def main():
                 rows[name]["teardown_s"].append(teardown)
                 rows[name]["read_s"].append(reading)
                 rows[name]["batches"].append(count)
-                print(f"trial {t + 1} {name}: {count} batches in {reading:.1f} s, teardown {teardown:.2f} s", flush=True)
+                print(f"trial {t + 1} {name}: {count} batches in {reading:.1f} s, teardown {teardown:.2f} s",
+                      flush=True)
     for row in rows.values():
         row["stalls"] = int(np.sum(np.array(row["teardown_s"]) > STALL_S))
         row["median_teardown_s"] = float(np.median(row["teardown_s"]))

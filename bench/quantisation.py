@@ -116,7 +116,8 @@ def main(argv):
                                                 test_images, test_labels, classes)
     exp.progress(f"  QAT int8: {rows['QAT int8 (fine-tuned)']}")
     table = [{"variant": name, f"exit {eid}": v["exit"], "final": v["final"],
-              "exit drop (pp)": rows["float"]["exit"] - v["exit"], "final drop (pp)": rows["float"]["final"] - v["final"]}
+              "exit drop (pp)": rows["float"]["exit"] - v["exit"],
+              "final drop (pp)": rows["float"]["final"] - v["final"]}
              for name, v in rows.items()]
     markdown = (f"## What int8 costs (test split, {len(test_images)} images; mIoU %)\n\n"
                 + report.markdown_table(table, list(table[0]), {c: ".2f" for c in table[0] if c != "variant"})

@@ -56,7 +56,8 @@ def synthetic_cache(images, positions, seed=0):
     tp = tp.astype(np.int64)
     missed = gt[:, None] - tp
     # Missed pixels are predicted as other classes: spread them as false positives.
-    fp = np.round(missed.sum(-1, keepdims=True) * rng.dirichlet(np.ones(CLASSES), (images, len(quality)))).astype(np.int64)
+    fp = np.round(missed.sum(-1, keepdims=True)
+                  * rng.dirichlet(np.ones(CLASSES), (images, len(quality)))).astype(np.int64)
     return calibration.CalibrationCache(conf_frac, tp, fp, missed, exits, [16] * len(exits), th_pix,
                                         policy.PolicyConfig(), {"backbone": "resnet50 (synthetic)"}, "synthetic",
                                         [f"im{i}" for i in range(images)], "synthetic", "calibration")

@@ -66,7 +66,8 @@ def train_one_way(exp, way, steps, eval_every):
     steps_records = [(t, r) for t, r in records if isinstance(r, training.Progress)]
     fills = [(t, r) for t, r in records if isinstance(r, training.StoreProgress)]
     rates = [r.images_per_s for _, r in steps_records[1:] if not r.miou]  # the first window traces
-    return {"way": way, "loss_stride": loss_stride or p.stage2_loss_stride, "steps": steps, "minutes": (time.perf_counter() - start) / 60,
+    return {"way": way, "loss_stride": loss_stride or p.stage2_loss_stride, "steps": steps,
+            "minutes": (time.perf_counter() - start) / 60,
             "images_per_s": float(np.median(rates)) if rates else None,
             "fill_minutes": fills[-1][0] / 60 if fills else 0.0, "views": fills[-1][1].views if fills else 0,
             "store_gb": fills[-1][1].bytes / 1e9 if fills else 0.0,
@@ -170,7 +171,8 @@ def main(argv):
     records = {way: run_way(way) for way in ways}
     parts = time_parts(exp, FLAGS.rounds, FLAGS.runs)
     batch = exp.preset.batch_size
-    rows = [{"way": way, "loss stride": r["loss_stride"], "images_per_s": r["images_per_s"], "frozen pass into the store, min": r["fill_minutes"],
+    rows = [{"way": way, "loss stride": r["loss_stride"], "images_per_s": r["images_per_s"],
+             "frozen pass into the store, min": r["fill_minutes"],
              "views": r["views"], "store GB": r["store_gb"], "peak memory GB": r["peak_rss_gb"],
              "minutes in all": r["minutes"], "minutes to flat curves": minutes_to_flat(r["curve"]),
              "exits' final val mIoU": ", ".join(f"{v:.1f}" for k, v in r["final_miou"].items() if k != FINAL_EXIT)}

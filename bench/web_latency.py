@@ -37,7 +37,8 @@ def litert_times(path, image, runs):
     model = runtime.StagedModel.load(path, num_threads=1)
     interpreter = Interpreter(model_path=str(path), num_threads=1)
     runners = {key: interpreter.get_signature_runner(key) for key in interpreter.get_signature_list()}
-    available = {"image": runtime.quantise(image[None], runners[model.stages[0].signature].get_input_details()["image"])}
+    available = {"image": runtime.quantise(image[None],
+                                           runners[model.stages[0].signature].get_input_details()["image"])}
     feeds = {}
     for stage in model.stages:
         feeds[stage.signature] = {name: available[name] for name in stage.inputs}

@@ -51,7 +51,8 @@ def ablation(exp):
         metrics = io_utils.read_json(exp.path(folder, training.METRICS), "training metrics")
         row = {"variant": name, "steps": steps, "images_per_s": metrics["images_per_s"], "final": miou["final"]}
         for position in positions:  # stage 1 only has its light heads
-            row[f"exit@{position}"] = miou.get(f"{position}:{compared}", miou.get(f"{position}:{training.LIGHT_EXIT_HEAD}"))
+            row[f"exit@{position}"] = miou.get(f"{position}:{compared}",
+                                               miou.get(f"{position}:{training.LIGHT_EXIT_HEAD}"))
         rows.append(row)
         exp.progress(f"  {name}: final {row['final']:.4f}")
     columns = list(rows[0])

@@ -426,7 +426,8 @@ def calibrate_parts(net, parts, checkpoint, batches, image_names, th_pix_grid, p
             class_maps[eid] = class_map[export.CLASS_MAP][0][0]
         final = call(table.FINAL_HEAD, {name: produced[source] for name, source in sources[table.FINAL_HEAD].items()})
         class_maps[FINAL_EXIT] = final[export.CLASS_MAP][0][0]
-        return {k: export.upsample_class_map(v, policy_config.class_map_stride) for k, v in class_maps.items()}, fractions
+        return ({k: export.upsample_class_map(v, policy_config.class_map_stride) for k, v in class_maps.items()},
+                fractions)
 
     def predict(images):
         results = [predict_one(image) for image in images]

@@ -137,7 +137,8 @@ def inherit_network(checkpoint_or_run_dir, given, num_classes):
     """
     config = network_config(read_run_config(resolve_checkpoint(checkpoint_or_run_dir)))
     source = config.to_dict()
-    diffs = [] if config.num_classes == num_classes else [f"num_classes: source {config.num_classes}, dataset {num_classes}"]
+    diffs = ([] if config.num_classes == num_classes
+             else [f"num_classes: source {config.num_classes}, dataset {num_classes}"])
     for field, value in given.items():
         if isinstance(config, network.WrappedConfig) and field != "input_size":
             diffs.append(f"{field}: the source is a wrapped Keras model, which has none")

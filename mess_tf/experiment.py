@@ -457,7 +457,8 @@ class Experiment:
                   **export.convert_parts(net, DEPLOYED, list(images[:self.preset.quantization_images]),
                                          policy_config=self.policy(), positions=positions, keys=heads)}
         key = table_lib.TableKey(host.host_device(), DEPLOYED, 1, net.backbone.input_size)
-        host.measure_parts({k: table_lib.PartModel(v) for k, v in models.items()}, self.path(f"latency_{DEPLOYED}.json"),
+        host.measure_parts({k: table_lib.PartModel(v) for k, v in models.items()},
+                           self.path(f"latency_{DEPLOYED}.json"),
                            key, [p.name for p in positions], timing, policy_config=self.policy(),
                            network_identity=cost_model.network_identity(net))
         self.progress(f"  profiled {len(models)} parts in {DEPLOYED}")
@@ -617,7 +618,8 @@ class Experiment:
                     f"{' ImageNet-pretrained' if p.backbone.weights else ' from scratch'}, "
                     f"{p.final_head.kind}, {self.network_config().input_size[0]}x{self.network_config().input_size[1]})"
                     f"\n\n{headline.summary_markdown(rows, goals, ceilings, oracle, DEPLOYED, sizing)}\n\n"
-                    + (f"Identical deployments are one model, measured once: {'; '.join(shared)}.\n\n" if shared else "")
+                    + (f"Identical deployments are one model, measured once: {'; '.join(shared)}.\n\n"
+                       if shared else "")
                     + f"Training: baseline {p.baseline_steps} steps; the same-budget baseline and the MESS network "
                     f"start from it, the MESS network with stage 1 ({p.stage1_steps} steps) and stage 2 "
                     f"({p.stage2_steps} steps on {p.stored_views} stored views of each training image), batch "

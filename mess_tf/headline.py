@@ -309,7 +309,8 @@ def summary_markdown(rows, goals, ceilings, oracle, precision, sizing=None):
                          "best_head_miou": "-"})
     ceilings_table = report.markdown_table(ceiling_rows, ("position", "exit_id", "ms", "speedup", "miou",
                                                           "best_head_miou"))
-    text = (f"Test split, {precision} LiteRT on this host, 1 thread, the models taking turns image by image. mIoU in %: "
+    text = (f"Test split, {precision} LiteRT on this host, 1 thread, the models taking turns image by image. "
+            f"mIoU in %: "
             f"measured on the test split with its 95% bootstrap interval (`miou_test`); the paired difference from the "
             f"bar, the baseline trained for as many steps as the MESS network (`vs_bar_pp`), and from the MESS "
             f"network's own final exit (`vs_mess_final_pp`), each with its 95% interval over the same resampled "

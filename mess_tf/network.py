@@ -236,7 +236,8 @@ class MultiExitNetwork:
         _check_user_model(model)
         final = model.output
         if tuple(final.shape[1:3]) != tuple(model.input.shape[1:3]):
-            final = keras.layers.Resizing(*model.input.shape[1:3], interpolation="bilinear", name="final_upsample")(final)
+            final = keras.layers.Resizing(*model.input.shape[1:3], interpolation="bilinear",
+                                          name="final_upsample")(final)
         backbone = backbones.Backbone.from_model(model, position_names)
         config = WrappedConfig(model_path and os.fspath(model_path), [p.name for p in backbone.positions],
                                int(final.shape[-1]), backbone.input_size)
@@ -382,7 +383,8 @@ class MultiExitNetwork:
                 for parent in graph.parents(by_name[name]):
                     children.setdefault(parent.name, []).append(by_name[name])
             feeds = [(by_name[n].output, _handoff(new_inputs[_io_name(n)], n, children)) for n in needed]
-        targets = {EXIT_LOGITS: logits, EXIT_COARSE_LOGITS: coarse_logits, **{_io_name(n): by_name[n].output for n in carried}}
+        targets = {EXIT_LOGITS: logits, EXIT_COARSE_LOGITS: coarse_logits,
+                   **{_io_name(n): by_name[n].output for n in carried}}
         return keras.Model(new_inputs, graph.replay(targets, feeds), name=f"stage_{k + 1}")
 
 

@@ -72,8 +72,9 @@ class StagedModel:
                        for s in metadata["stages"]]
         self.interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
         self._runners = [self.interpreter.get_signature_runner(s.signature) for s in self.stages]
-        self._class_map_runners = [s.class_map_signature and self.interpreter.get_signature_runner(s.class_map_signature)
-                                   for s in self.stages]
+        self._class_map_runners = [
+            s.class_map_signature and self.interpreter.get_signature_runner(s.class_map_signature)
+            for s in self.stages]
         self._image_detail = self._runners[0].get_input_details()["image"]
         self._confidence_details = [runner.get_output_details()[export.CONFIDENCE] if stage.is_early_exit else None
                                     for stage, runner in zip(self.stages, self._runners)]

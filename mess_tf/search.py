@@ -29,7 +29,8 @@ evaluating far fewer configurations than the space holds:
     configuration whose linear mIoU bound or exact cost already loses is not even scored;
   * every exit's masks are evaluated at once as matrix products over images; the root's children
     are shared between processes (`workers`), which share their incumbent's mIoU or cost.
-`brute_force` enumerates the declared space plainly (and `select` picks from it); tests/test_search.py proves both agree.
+`brute_force` enumerates the declared space plainly (and `select` picks from it); \
+tests/test_search.py proves both agree.
 
 Large spaces (3 exits over dozens of positions and heads) can outlast a user's patience: with
 `time_limit_s` the search deepens one early exit at a time, so when it stops it returns an answer
@@ -181,7 +182,8 @@ class _Problem:
         c = self.gt.size
         fractions = np.bincount(leaves, minlength=len(js)) / n
         return SearchResult(mode, exits, float(_miou(summed[:c], summed[c:], self.gt)),
-                            float(fractions @ costs), float(costs[-1]), tuple(fractions.tolist()), self.unit, self.policy)
+                            float(fractions @ costs), float(costs[-1]), tuple(fractions.tolist()), self.unit,
+                            self.policy)
 
 
 _IDENTITY_FIELDS = {"input_size": "input size", "num_classes": "classes",

@@ -335,7 +335,8 @@ def stage2_models(net, coarse=False):
     inputs = {p: keras.Input(net.backbone.feature(p).shape[1:], name=p) for p in positions}
     inputs[FINAL_EXIT] = keras.Input(coarse_final.shape[1:], name="final_coarse_logits")
     logits = net.coarse_logits if coarse else net.logits
-    outputs = graph.replay({e: logits(e) for e in net.exit_ids}, [(net.backbone.feature(p), inputs[p]) for p in positions])
+    outputs = graph.replay({e: logits(e) for e in net.exit_ids},
+                           [(net.backbone.feature(p), inputs[p]) for p in positions])
     final = net.logits(FINAL_EXIT)
     upsampled = coarse or final is coarse_final
     outputs[FINAL_EXIT] = inputs[FINAL_EXIT] if upsampled else graph.producer(final)(inputs[FINAL_EXIT])
@@ -632,7 +633,8 @@ def _train(network_config, train_config, train_data, output_dir, val_data, init_
             rate = window_steps * config.batch_size / max(elapsed, 1e-9)
             throughput.append(rate)
             record = Progress(step, config.steps, {k: float(np.mean(v)) for k, v in window.items()},
-                              float(optimizer.learning_rate.numpy()), rate, (config.steps - step) * config.batch_size / rate,
+                              float(optimizer.learning_rate.numpy()), rate,
+                              (config.steps - step) * config.batch_size / rate,
                               miou if evaluated else None)
             with writer.as_default(step=step):
                 for name, value in record.losses.items():
@@ -670,7 +672,8 @@ def _stored_views(net, config, train_data, train_images, run_dir, progress):
     shapes = {name: tuple(value.shape[1:]) for name, value in frozen(first_images[:1], training=False).items()}
     shapes[stored_views_lib.LABELS] = tuple(first_labels.shape[1:])
     identity = {"frozen_weights": stored_views_lib.fingerprint(w.numpy() for w in frozen.weights),
-                "crop_size": list(first_images.shape[1:3]), "positions": sorted(set(shapes) - {FINAL_EXIT, stored_views_lib.LABELS}),
+                "crop_size": list(first_images.shape[1:3]),
+                "positions": sorted(set(shapes) - {FINAL_EXIT, stored_views_lib.LABELS}),
                 "stream": stored_views_lib.fingerprint([first_images.numpy(), first_labels.numpy()])}
     folder = os.path.join(run_dir, stored_views_lib.FOLDER)
     views = stored_views_lib.views_that_fit(config.stored_views, train_images, shapes, config.store_dtype,
@@ -695,7 +698,8 @@ def _stored_views(net, config, train_data, train_images, run_dir, progress):
         rate = (done - clock["done"]) * config.batch_size / max(now - clock["time"], 1e-9)
         clock.update(time=now, done=done)
         if progress:
-            progress(StoreProgress(done, total, views, size, rate, (total - done) * config.batch_size / max(rate, 1e-9)))
+            progress(StoreProgress(done, total, views, size, rate,
+                                   (total - done) * config.batch_size / max(rate, 1e-9)))
 
     store.fill(iter(train_data.skip(store.filled)), frozen_arrays, every=STORE_FLUSH_BATCHES, progress=report)
     return store

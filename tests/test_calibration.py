@@ -41,7 +41,8 @@ def test_cache_holds_the_policy_fractions_and_the_confusion_counts():
     cache = _build(images, labels, logits, [])
     assert cache.conf_frac.shape == (IMAGES, 2, 3) and cache.tp.shape == (IMAGES, 3, CLASSES)
     n = 4
-    np.testing.assert_array_equal(cache.conf_frac[n, 1], policy.confidence_fractions(logits[f"{EXITS[1]}/coarse"][n], 16, TH_PIX))
+    np.testing.assert_array_equal(cache.conf_frac[n, 1],
+                                  policy.confidence_fractions(logits[f"{EXITS[1]}/coarse"][n], 16, TH_PIX))
     pred, label = logits["final"][n].argmax(-1), labels[n]
     valid = label != 255
     for c in range(CLASSES):

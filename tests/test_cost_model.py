@@ -94,7 +94,8 @@ def test_describe_cli_prints_one_json_object():
 def test_describe_cli_rejects_bad_input():
     bad_size = subprocess.run([sys.executable, "-m", "tools.describe", "--input_size=100", "--output_stride=16"],
                               capture_output=True, text=True)
-    assert bad_size.returncode == 2 and "error: input size 100x100 is not divisible by the output stride 16" in bad_size.stderr
+    assert (bad_size.returncode == 2
+            and "error: input size 100x100 is not divisible by the output stride 16" in bad_size.stderr)
     bad_head = subprocess.run([sys.executable, "-m", "tools.describe", "--input_size=64", "--heads=fcn_w1"],
                               capture_output=True, text=True)
     assert bad_head.returncode == 2 and "error: unknown exit-head id 'fcn_w1'" in bad_head.stderr

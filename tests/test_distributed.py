@@ -25,7 +25,8 @@ def test_two_workers_end_with_identical_weights_and_batch_norm_statistics(tmp_pa
     workers = []
     for index in range(2):
         env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        workers.append(subprocess.Popen([sys.executable, WORKER, str(tmp_path / "run"), str(tmp_path / f"w{index}.npz")],
+        workers.append(subprocess.Popen([sys.executable, WORKER, str(tmp_path / "run"),
+                                         str(tmp_path / f"w{index}.npz")],
                                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         outputs = [w.communicate(timeout=240)[0] for w in workers]

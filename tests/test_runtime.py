@@ -212,7 +212,8 @@ def test_calibrate_cli_in_int8_writes_the_cache_of_the_converted_parts(tmp_path)
     samples = registry.get_dataset("demo", data_dir).samples("calibration")
     grid, config = np.linspace(0.5, 0.95, 3), policy.PolicyConfig()
     positions = export.segment_positions(net, net.exit_ids)
-    parts = export.convert_parts(net, "int8", [pipeline.load_image(s.image_path).astype(np.float32) for s in samples[:4]],
+    parts = export.convert_parts(net, "int8",
+                                 [pipeline.load_image(s.image_path).astype(np.float32) for s in samples[:4]],
                                  policy_config=config, positions=positions, th_pix_grid=grid)
     expected = calibration.calibrate_parts(
         net, parts, checkpoints.resolve_checkpoint(str(run)),

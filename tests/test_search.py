@@ -290,9 +290,11 @@ def test_cli_writes_config_report_and_plot(synthetic, tmp_path):
     assert refused.returncode == 2 and "cheapest achievable expected cost" in refused.stderr
     # Bad input is one line that names the flag or the path, never a traceback.
     nan = subprocess.run(base + ["--objective=max_miou", "--budget_macs=nan"], capture_output=True, text=True)
-    assert nan.returncode == 2 and nan.stderr.strip().splitlines()[-1] == "error: --budget_macs must be a number above 0, got nan"
+    assert (nan.returncode == 2
+            and nan.stderr.strip().splitlines()[-1] == "error: --budget_macs must be a number above 0, got nan")
     (tmp_path / "a_file").write_text("")
-    in_the_way = subprocess.run(base + ["--objective=min_latency", "--max_drop_pp=1", f"--output_dir={tmp_path / 'a_file'}"],
+    in_the_way = subprocess.run(base + ["--objective=min_latency", "--max_drop_pp=1",
+                                        f"--output_dir={tmp_path / 'a_file'}"],
                                 capture_output=True, text=True)
     assert in_the_way.returncode == 2 and "Traceback" not in in_the_way.stderr
     assert f"error: cannot write {tmp_path / 'a_file'}" in in_the_way.stderr

@@ -34,11 +34,13 @@ def _write_image(path, rng, shape):
 
 
 def _raw_label(rng, shape, raw_values):
-    return rng.choice(raw_values, (shape[0] // 8 + 1, shape[1] // 8 + 1)).repeat(8, 0).repeat(8, 1)[:shape[0], :shape[1]]
+    return (rng.choice(raw_values, (shape[0] // 8 + 1, shape[1] // 8 + 1))
+            .repeat(8, 0).repeat(8, 1)[:shape[0], :shape[1]])
 
 
 def _cityscapes(root, rng):
-    valid = [raw for raw in range(cityscapes.NUM_LABEL_IDS) if cityscapes.INFO.label_map(cityscapes.LABEL_IDS)[raw] < 255]
+    valid = [raw for raw in range(cityscapes.NUM_LABEL_IDS)
+             if cityscapes.INFO.label_map(cityscapes.LABEL_IDS)[raw] < 255]
     for k, shape in enumerate(SHAPES):
         city = ("aachen", "bremen")[k % 2]
         stem = f"{city}_{k:06d}_000019"
@@ -141,7 +143,8 @@ def test_images_are_read_recursively_and_a_corrupt_one_is_named_or_skipped(tmp_p
     model_path = _staged_model(str(tmp_path / "model.tflite"), 5)
     out = tmp_path / "pred"
     code, _, stderr = _cli("segment", f"--model={model_path}", f"--images={folder}", f"--output={out}")
-    assert code == 2 and stderr.strip().splitlines()[-1].startswith(f"error: image {folder}/nested/broken.png is corrupt")
+    assert code == 2 and stderr.strip().splitlines()[-1].startswith(
+        f"error: image {folder}/nested/broken.png is corrupt")
     assert "--skip_bad" in stderr and "Traceback" not in stderr
     code, stdout, stderr = _cli("segment", f"--model={model_path}", f"--images={folder}", f"--output={out}",
                                 "--skip_bad")

@@ -147,7 +147,8 @@ def test_a_truncated_or_foreign_store_is_rebuilt_with_a_warning(tmp_path, caplog
     store = stored_views.ViewStore.open(str(tmp_path), spec)
     rng = np.random.default_rng(0)
     batches = iter([(None, rng.integers(0, 5, (2, 4, 4)).astype(np.uint8)) for _ in range(4)])
-    store.fill(batches, lambda _: {"p": rng.normal(size=(2, 2, 2, 3)), stored_views.FINAL: rng.normal(size=(2, 2, 2, 5))})
+    store.fill(batches, lambda _: {"p": rng.normal(size=(2, 2, 2, 3)),
+                                   stored_views.FINAL: rng.normal(size=(2, 2, 2, 5))})
     assert store.complete and stored_views.ViewStore.open(str(tmp_path), spec).complete  # reopened as it is
     inputs, labels = store.batch(1, seed=0)
     assert inputs["p"].dtype == np.float32 and inputs["p"].shape == (2, 2, 2, 3) and labels.shape == (2, 4, 4)

@@ -66,7 +66,8 @@ def test_train_skips_a_corrupt_sample_with_skip_bad_and_names_it_without(tmp_pat
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
         f"error: image {broken} is corrupt or truncated")
-    result = subprocess.run([sys.executable, "-m", "tools.train", *common, "--skip_bad", f"--output_dir={tmp_path / 'b'}"],
+    result = subprocess.run([sys.executable, "-m", "tools.train", *common, "--skip_bad",
+                             f"--output_dir={tmp_path / 'b'}"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "skipping sample train1" in result.stderr and "done: " in result.stdout

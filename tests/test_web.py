@@ -131,14 +131,18 @@ def test_page_takes_the_python_runtimes_decisions(served, precision):
         differing = [float((p.class_map != b["class_map"]).mean()) for p, b in maps]
         print(f"| {name} | {python.exit_id} / {browser['exit_id']} | {np.round(everything_python, 6).tolist()} | "
               f"{np.round(everything_page, 6).tolist()} | "
-              f"{np.max(np.abs(np.subtract(everything_page, everything_python))):.1e} | {[f'{d:.4%}' for d in differing]} |")
-        assert browser["exit_index"] == python.exit_index, f"{name}: exit {browser['exit_id']} in the page, {python.exit_id} in Python"
-        np.testing.assert_array_equal(browser["class_map"], python.class_map, err_msg=f"{name}: class map of the exit taken")
+              f"{np.max(np.abs(np.subtract(everything_page, everything_python))):.1e} | "
+              f"{[f'{d:.4%}' for d in differing]} |")
+        assert browser["exit_index"] == python.exit_index, (
+            f"{name}: exit {browser['exit_id']} in the page, {python.exit_id} in Python")
+        np.testing.assert_array_equal(browser["class_map"], python.class_map,
+                                      err_msg=f"{name}: class map of the exit taken")
         assert browser["confidences"] == pytest.approx(python.confidences, abs=FLOAT_CONFIDENCE_ATOL), name
         for (p, b), eid in zip(maps, model.exit_ids):
             if precision == "float32":
-                assert np.all(top2_gap(served["logits"][eid][served["names"].index(name)])[p.class_map != b["class_map"]]
-                              < TIE_EPSILON), f"{name}: exit {eid}: class maps differ away from ties"
+                assert np.all(
+                    top2_gap(served["logits"][eid][served["names"].index(name)])[p.class_map != b["class_map"]]
+                    < TIE_EPSILON), f"{name}: exit {eid}: class maps differ away from ties"
             else:
                 assert (p.class_map != b["class_map"]).mean() <= INT8_MAX_DIFFERING_PIXELS, f"{name}: exit {eid}"
         if precision == "float32":

@@ -114,8 +114,8 @@ def test_a_wrap_run_reloads_the_users_model_and_weights(trained):
         "stage_a", "stage_b", "stage_c"]
     assert reloaded.config.model_path == os.path.join(os.path.abspath(run), checkpoints.USER_MODEL)
     user = keras.models.load_model(str(folder / "user.keras"), compile=False)
-    np.testing.assert_allclose(reloaded.model(images[:2])["final"], tf.image.resize(user(images[:2]), images.shape[1:3]),
-                               atol=1e-5)
+    np.testing.assert_allclose(reloaded.model(images[:2])["final"],
+                               tf.image.resize(user(images[:2]), images.shape[1:3]), atol=1e-5)
 
 
 def test_float_staged_model_equals_keras_except_at_ties(trained, tmp_path):
@@ -184,7 +184,8 @@ def test_stage_two_trains_the_exits_of_a_wrap_run_and_calibrates(tmp_path):
     """The user's path after tools.wrap: stage 2 from the run (their model frozen), then calibration."""
     keras.utils.set_random_seed(0)
     pooled_skip_model().save(str(tmp_path / "user.keras"))
-    wrapped = checkpoints.wrap_run(str(tmp_path / "user.keras"), ["stage_a", "stage_b", "stage_c"], str(tmp_path / "run"))
+    wrapped = checkpoints.wrap_run(str(tmp_path / "user.keras"), ["stage_a", "stage_b", "stage_c"],
+                                   str(tmp_path / "run"))
     images, labels = colour_regions(16, (64, 64), 4, seed=5)
     data = tf.data.Dataset.from_tensor_slices((images, labels)).repeat().batch(4)
     config = training.TrainConfig(stage="stage2", steps=4, batch_size=4, optimizer="adamw", learning_rate=1e-2,
@@ -310,7 +311,8 @@ def test_wrap_cli_writes_a_run_and_refuses_bad_input_in_one_line(tmp_path):
     assert code == 0, stderr
     assert runtime.StagedModel.load(tmp_path / "model.tflite").metadata["classes"] == ["red", "green", "blue", "yellow"]
     deployment.DeploymentConfig("dynamic", [], network={**run_config["network"], "num_classes": 5,
-                                                        "position_names": ["stage_a"]}).save(str(tmp_path / "CONFIG.json"))
+                                                        "position_names": ["stage_a"]}).save(
+        str(tmp_path / "CONFIG.json"))
     code, _, stderr = _cli(*export_flags, tool="export")
     assert code == 2 and stderr.strip().splitlines()[-1] == (
         "error: the deployment config was made for another network than the one exported (config -> network: "
@@ -328,7 +330,8 @@ def test_wrap_cli_writes_a_run_and_refuses_bad_input_in_one_line(tmp_path):
         assert code == 2 and message in stderr and "Traceback" not in stderr, stderr
     (tmp_path / "notes.keras").write_text("not a zip")
     code, _, stderr = _cli(f"--model={tmp_path / 'notes.keras'}", "--positions=a", f"--output_dir={tmp_path / 'x'}")
-    assert code == 2 and stderr.splitlines()[-1].startswith(f"error: cannot load Keras model {tmp_path / 'notes.keras'}")
+    assert code == 2 and stderr.splitlines()[-1].startswith(
+        f"error: cannot load Keras model {tmp_path / 'notes.keras'}")
     _deeplab(nested=True).save(str(tmp_path / "nested.keras"))
     code, _, stderr = _cli(f"--model={tmp_path / 'nested.keras'}", "--positions=block_2_add",
                            f"--output_dir={tmp_path / 'nested'}")

@@ -30,7 +30,8 @@ def describe(config, head_space):
         "output_stride": config.backbone.output_stride,
         "backbone_macs": costs.backbone_macs,
         # The unmodified ImageNet classifier at this input size, comparable with published MAdds.
-        "classifier_macs": backbones.classification_macs(config.backbone.name, config.backbone.alpha, config.input_size),
+        "classifier_macs": backbones.classification_macs(config.backbone.name, config.backbone.alpha,
+                                                         config.input_size),
         "positions": [{"name": p.name, "stride": p.stride, "channels": p.channels,
                        "cumulative_macs": p.cumulative_macs} for p in costs.positions],
         "final_head_macs": costs.final_head.macs,

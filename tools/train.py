@@ -37,8 +37,8 @@ flags.DEFINE_enum("demo_preset", "quick", list(demo.PRESETS), "Demo dataset size
 flags.DEFINE_enum("backbone", "mobilenet_v2", backbones.BACKBONES, "Backbone.")
 flags.DEFINE_float("alpha", 1.0, "MobileNet width multiplier.")
 flags.DEFINE_integer("output_stride", None, "8, 16 or 32 (default: per dataset).")
-flags.DEFINE_string("backbone_weights", None, "Backbone weights: 'imagenet' (EfficientNet-Lite0/1/2, from the pretrained "
-                    "extra) or a local .h5 weights file of the classifier.")
+flags.DEFINE_string("backbone_weights", None, "Backbone weights: 'imagenet' (EfficientNet-Lite0/1/2, from the "
+                    "pretrained extra) or a local .h5 weights file of the classifier.")
 flags.DEFINE_enum("final_head", "deeplabv3", heads.FINAL_KINDS, "Final head.")
 flags.DEFINE_integer("final_filters", 256, "ASPP/decoder channels of the final head.")
 flags.DEFINE_bool("separable", False, "Depthwise-separable convs in the final head (mobile DeepLab).")
@@ -131,7 +131,8 @@ def network_config(defaults, num_classes):
 def train_config(defaults):
     learning_rate = _or(FLAGS.learning_rate, defaults.learning_rate * (0.1 if FLAGS.optimizer == "adamw" else 1.0))
     return training.TrainConfig(
-        stage=FLAGS.stage, steps=_or(FLAGS.steps, defaults.steps), batch_size=_or(FLAGS.batch_size, defaults.batch_size),
+        stage=FLAGS.stage, steps=_or(FLAGS.steps, defaults.steps),
+        batch_size=_or(FLAGS.batch_size, defaults.batch_size),
         optimizer=FLAGS.optimizer, learning_rate=learning_rate, momentum=FLAGS.momentum,
         weight_decay=FLAGS.weight_decay, warmup_steps=FLAGS.warmup_steps, clip_norm=FLAGS.clip_norm,
         bn_momentum=FLAGS.bn_momentum, precise_bn_batches=FLAGS.precise_bn_batches,
@@ -177,7 +178,8 @@ def format_progress(record):
             f"lr {record.learning_rate:.2e}  {record.images_per_s:.1f} img/s  "
             f"ETA {datetime.timedelta(seconds=round(record.eta_s))}")
     if record.miou:
-        line += "  mIoU " + " ".join(f"{k}={v:.3f}" for k, v in record.miou.items() if len(record.miou) <= 4 or k == "final")
+        line += "  mIoU " + " ".join(f"{k}={v:.3f}" for k, v in record.miou.items()
+                                     if len(record.miou) <= 4 or k == "final")
     return line
 
 

