@@ -29,7 +29,7 @@ evaluating far fewer configurations than the space holds:
     configuration whose linear mIoU bound or exact cost already loses is not even scored;
   * every exit's masks are evaluated at once as matrix products over images; the root's children
     are shared between processes (`workers`), which share their incumbent's mIoU or cost.
-`brute_force` enumerates the declared space plainly (and `select` picks from it); \
+`brute_force` enumerates the declared space plainly (and `select` picks from it);
 tests/test_search.py proves both agree.
 
 Large spaces (3 exits over dozens of positions and heads) can outlast a user's patience: with

@@ -3,11 +3,10 @@
   python -m tools.demo [--preset=default|things|quick] [--out=runs/demo] [--seed=0]
 
 Generates the demo dataset (default: the scenes; things: the digit scenes), takes the trained
-baseline (shipped in trained/ for those two presets, trained here for the others), trains the MESS network \
-(stage 1, stage 2), calibrates in the precision
-that ships (int8) and in float, profiles every part with LiteRT on this host, searches one
-configuration per requirement, exports staged int8 models, runs them on the test split side by side
-and writes a report folder.
+baseline (shipped in trained/ for those two presets, trained here for the others), trains the MESS
+network (stage 1, stage 2), calibrates in the precision that ships (int8) and in float, profiles
+every part with LiteRT on this host, searches one configuration per requirement, exports staged
+int8 models, runs them on the test split side by side and writes a report folder.
 A rerun skips the steps already finished; an interrupted step resumes from its checkpoints.
 The run folder is locked while it runs: a second demo into the same --out is refused.
 """
