@@ -125,13 +125,13 @@ PRESETS = {
                       (0.14, 0.17, 0.26, 0.36), ("fcn_w32_b1", "fcn_w64_b2_rd", "aspp_w64_rd"), 30, 16,
                       learning_rate=1e-3, crop_size=192, scale_range=(0.5, 1.5), eval_every=500,
                       shipped_baseline="scenes_efficientnet_lite0", stage1_exit_weight=0.2,
-                      stage2_learning_rate=1e-2, stage2_eval_every=250, stage2_loss_stride=4),
+                      stage2_learning_rate=1e-2, stage2_eval_every=200, stage2_loss_stride=4),
     "things": Preset("things", backbones.BackboneConfig("efficientnet_lite0", 16, weights=backbones.IMAGENET),
                      heads.FinalHeadConfig("deeplabv3plus", 128, separable=True), 1800, 180, 2000, 16,
                      (0.14, 0.17, 0.26, 0.36), ("fcn_w32_b1", "fcn_w64_b2_rd", "aspp_w64_rd"), 30, 16,
                      learning_rate=1e-3, crop_size=192, scale_range=(0.5, 1.5), eval_every=200,
                      shipped_baseline="things_efficientnet_lite0", stage1_exit_weight=0.2,
-                     stage2_learning_rate=1e-2, stage2_eval_every=250, stage2_loss_stride=4),
+                     stage2_learning_rate=1e-2, stage2_eval_every=200, stage2_loss_stride=4),
 }
 # Requirements the search serves: (name, objective, mIoU drop allowed below the MESS network's own
 # final exit, in pp); "baseline_cost" maximises mIoU at the same-budget baseline's latency instead.
@@ -232,7 +232,7 @@ class Experiment:
         """
         dataset, config, p = self.dataset(), self.network_config(), self.preset
         crop = self.crop_size()
-        data = self.train_batches()
+        data = self.train_batches  # a function of the first batch: a resumed run reads no skipped batch
         val, eval_batches = None, 0
         if eval_every:
             samples = dataset.samples("val")
@@ -268,12 +268,14 @@ class Experiment:
         """(H, W) of the training crops."""
         return (self.preset.crop_size,) * 2 if self.preset.crop_size else self.network_config().input_size
 
-    def train_batches(self):
-        """The demo's endless, augmented training batches (tf.data) at the crop size."""
+    def train_batches(self, first_batch=0):
+        """The demo's endless, augmented training batches (tf.data) at the crop size, from batch
+        `first_batch` on."""
         dataset = self.dataset()
         # No flips: a mirrored digit is a different shape.
         return pipeline.train_dataset(dataset.samples("train"), dataset.info, self.crop_size(), self.preset.batch_size,
-                                      seed=self.seed, scale_range=self.preset.scale_range, flip=False)
+                                      seed=self.seed, scale_range=self.preset.scale_range, flip=False,
+                                      first_batch=first_batch)
 
     def exit_positions(self):
         config = self.network_config()

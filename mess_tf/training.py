@@ -496,7 +496,8 @@ def train(network_config, train_config, train_data, output_dir, val_data=None, i
       train_data: tf.data.Dataset of (images float32 [B, H, W, 3] RGB 0..255, labels uint8/int
         [B, H, W], 255 = ignore) with B = train_config.batch_size and H x W the crop size,
         infinite (or at least `steps` batches) and deterministic for a given seed (a resumed run
-        skips the batches consumed).
+        skips the batches consumed); or a function first batch index -> that Dataset from there
+        on (pipeline.train_dataset's `first_batch`), so that a resumed run reads no skipped batch.
       output_dir: the run directory (checkpoints, run_config.json, metrics.json, logs/).
       val_data: optional tf.data of (images, labels) batches at the network's input size, for
         per-exit validation mIoU; every evaluation is kept in metrics.json's `miou_curve`.
@@ -544,7 +545,7 @@ def _train(network_config, train_config, train_data, output_dir, val_data, init_
     if isinstance(network_config, network.WrappedConfig) and crop_config != network_config:
         raise ValueError(f"crop_size={config.crop_size}: a wrapped Keras model trains at its own input size "
                          f"{network_config.input_size}")
-    _check_batches(train_data, crop_config, "train_data")
+    _check_batches(_batches_from(train_data, 0), crop_config, "train_data")
     mixed = config.mixed_precision and bool(tf.config.list_physical_devices("GPU"))
     if config.mixed_precision and not mixed:
         logging.warning("mixed precision needs a GPU; training in float32")
@@ -591,7 +592,7 @@ def _train(network_config, train_config, train_data, output_dir, val_data, init_
         store = _stored_views(net, config, train_data, train_images, output_dir, progress)
         data = (store.batch(step, config.seed) for step in itertools.count(start + 1))
     else:
-        data = iter(strategy.experimental_distribute_dataset(train_data.skip(start)))
+        data = iter(strategy.experimental_distribute_dataset(_batches_from(train_data, start)))
     eval_every = config.eval_every or config.checkpoint_every
 
     # Crops train a network built at their size; evaluation runs at the input size, on a twin
@@ -668,7 +669,7 @@ def _train(network_config, train_config, train_data, output_dir, val_data, init_
 def _stored_views(net, config, train_data, train_images, run_dir, progress):
     """Stage 2's ViewStore for this run, filled (resuming an interrupted fill)."""
     frozen, _ = stage2_models(net)
-    first_images, first_labels = next(iter(train_data.take(1)))
+    first_images, first_labels = next(iter(_batches_from(train_data, 0)))
     shapes = {name: tuple(value.shape[1:]) for name, value in frozen(first_images[:1], training=False).items()}
     shapes[stored_views_lib.LABELS] = tuple(first_labels.shape[1:])
     identity = {"frozen_weights": stored_views_lib.fingerprint(w.numpy() for w in frozen.weights),
@@ -701,7 +702,7 @@ def _stored_views(net, config, train_data, train_images, run_dir, progress):
             progress(StoreProgress(done, total, views, size, rate,
                                    (total - done) * config.batch_size / max(rate, 1e-9)))
 
-    store.fill(iter(train_data.skip(store.filled)), frozen_arrays, every=STORE_FLUSH_BATCHES, progress=report)
+    store.fill(iter(_batches_from(train_data, store.filled)), frozen_arrays, every=STORE_FLUSH_BATCHES, progress=report)
     return store
 
 
@@ -765,6 +766,13 @@ def _set_bn_momentum(model, momentum):
 
 def _backbone_positions(network_config):
     return network.build(network_config).backbone.positions
+
+
+def _batches_from(train_data, first):
+    """train()'s `train_data` (a Dataset, or a function of the first batch) from batch `first` on."""
+    if isinstance(train_data, tf.data.Dataset):
+        return train_data.skip(first)
+    return train_data(first)
 
 
 def _check_batches(dataset, network_config, what):

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from mess_tf import stored_views, training
+from mess_tf.deployment import FINAL_EXIT
 
 EXITS = ("block_2_add:fcn_w8_b0", "block_5_add:aspp_w8")
 IMAGES = 16  # synthetic_dataset's epoch
@@ -142,13 +143,13 @@ def _upscale(images, labels):
 
 
 def test_a_truncated_or_foreign_store_is_rebuilt_with_a_warning(tmp_path, caplog):
-    spec = stored_views.StoreSpec(2, 4, 2, {"p": (2, 2, 3), stored_views.FINAL: (2, 2, 5), stored_views.LABELS: (4, 4)},
+    spec = stored_views.StoreSpec(2, 4, 2, {"p": (2, 2, 3), FINAL_EXIT: (2, 2, 5), stored_views.LABELS: (4, 4)},
                                   "float16", {"frozen_weights": "abc"})
     store = stored_views.ViewStore.open(str(tmp_path), spec)
     rng = np.random.default_rng(0)
     batches = iter([(None, rng.integers(0, 5, (2, 4, 4)).astype(np.uint8)) for _ in range(4)])
     store.fill(batches, lambda _: {"p": rng.normal(size=(2, 2, 2, 3)),
-                                   stored_views.FINAL: rng.normal(size=(2, 2, 2, 5))})
+                                   FINAL_EXIT: rng.normal(size=(2, 2, 2, 5))})
     assert store.complete and stored_views.ViewStore.open(str(tmp_path), spec).complete  # reopened as it is
     inputs, labels = store.batch(1, seed=0)
     assert inputs["p"].dtype == np.float32 and inputs["p"].shape == (2, 2, 2, 3) and labels.shape == (2, 4, 4)

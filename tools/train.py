@@ -195,8 +195,11 @@ def main(argv):
     # A wrapped Keras model's input size is fixed; a built-in network's must divide by its stride.
     stride = 1 if isinstance(net_config, network.WrappedConfig) else net_config.backbone.output_stride
     samples, _ = pipeline.check_samples(dataset.samples("train"), dataset.info, skip_bad=FLAGS.skip_bad)
-    train_data = pipeline.train_dataset(samples, dataset.info, crop, config.batch_size, seed=config.seed,
-                                        multiple_of=stride, check=False)
+
+    def train_data(first_batch):  # a resumed run starts the stream at its step, reading nothing it skips
+        return pipeline.train_dataset(samples, dataset.info, crop, config.batch_size, seed=config.seed,
+                                      multiple_of=stride, check=False, first_batch=first_batch)
+
     val_data = None
     if config.eval_batches and "val" in dataset.splits:
         val_data = pipeline.eval_dataset(dataset.samples("val"), dataset.info, crop, config.batch_size,

@@ -49,12 +49,13 @@ def _loader(samples, info, fit=None):
 
 
 def train_dataset(samples, info, crop_size, batch_size, seed=0, scale_range=(0.5, 2.0), flip=True, jitter=True,
-                  multiple_of=1, check=True, skip_bad=False):
+                  multiple_of=1, check=True, skip_bad=False, first_batch=0):
     """Endless, augmented training batches.
 
     Each element i of the stream is sample order_e[i mod n] of epoch e = i // n, where order_e is a
     permutation drawn from (seed, e); its augmentation draws from (seed, i). So the stream is the
-    same under the same seed whatever the parallelism, and `.skip(k)` resumes it exactly.
+    same under the same seed whatever the parallelism, and `first_batch=k` starts it exactly where
+    `.skip(k)` would, without reading the k * batch_size images before (minutes, late in a run).
 
     Args:
       samples: list of Sample; info: DatasetInfo.
@@ -65,6 +66,7 @@ def train_dataset(samples, info, crop_size, batch_size, seed=0, scale_range=(0.5
       flip: random left-right flips. jitter: random brightness, contrast, saturation and hue.
       multiple_of: the network's output stride.
       check, skip_bad: read every sample first (see module doc).
+      first_batch: index of the first batch in the stream (a resumed run's step).
 
     Returns:
       tf.data.Dataset of (images float32 [B, H, W, 3] RGB 0..255, labels uint8 [B, H, W]).
@@ -79,7 +81,8 @@ def train_dataset(samples, info, crop_size, batch_size, seed=0, scale_range=(0.5
         seeds = tf.random.experimental.stateless_split(tf.stack([tf.constant(seed, tf.int64), i]), num=5)
         return _augment(image, label, seeds, crop, scale_range, flip, jitter)
 
-    return _parallel_batches(tf.data.Dataset.counter(), element, batch_size, drop_remainder=True)
+    return _parallel_batches(tf.data.Dataset.counter(start=first_batch * batch_size), element, batch_size,
+                             drop_remainder=True)
 
 
 def _parallel_batches(indices, element, batch_size, drop_remainder=False):
