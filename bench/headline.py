@@ -7,7 +7,7 @@ side by side (models take turns image by image on the test split, int8 LiteRT, 1
     against the exact optimum with up to 2, for both searched objectives, on the run's int8
     calibration cache and latency table.
 
-  python bench/headline.py [--preset=default|things] [--run_dir=runs/demo] [--time_limit_s=120]
+  python bench/headline.py [--preset=default|things] [--run_dir=runs/demo] [--time_limit_s=120] [--noablation]
 
 Prints the demo's summary.md followed by the other tables and writes bench/results/headline.{md,json}
 (headline_<preset>.{md,json} for another preset: `--preset=things`, in runs/things, the digit
@@ -27,6 +27,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", None, "The demo run to build on (its missing steps are run); default runs/demo for "
                     "the default preset, runs/<preset> for the others.")
 flags.DEFINE_enum("preset", "default", sorted(experiment.PRESETS), "The demo preset of that run.")
+flags.DEFINE_bool("ablation", True, "Also train and score the training ablation (about an hour on 2 cores for the "
+                  "scenes: a naive joint run as long as stages 1 and 2).")
 flags.DEFINE_integer("time_limit_s", 120, "Seconds the 3-exit search may take per objective.", lower_bound=1)
 flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     "Where the markdown and JSON tables go.")
@@ -61,7 +63,7 @@ def main(argv):
                                 progress=lambda line: print(line, flush=True))
     headline = exp.run()
     third_rows, third_markdown = third_exit(exp, FLAGS.time_limit_s)
-    ablation_rows, ablation_markdown = ablation.ablation(exp)
+    ablation_rows, ablation_markdown = ablation.ablation(exp) if FLAGS.ablation else ([], "")
     with open(exp.path("report", "summary.md")) as f:  # the demo's own report: tables, goals, ceiling
         markdown = f"{f.read()}\n{third_markdown}\n{ablation_markdown}"
     print(markdown)

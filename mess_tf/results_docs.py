@@ -237,6 +237,8 @@ def training_ablation(data):
     """Validation mIoU (fractions) of the final exit and of one head at each position, per variant;
     positions in depth order (the ceilings') where the headline has them."""
     rows = data["training_ablation"]
+    if not rows:
+        return "The training ablation was not run with these results (`bench/headline.py --noablation`)."
     depth = [r["position"] for r in _headline(data).get("ceilings", [])]
     exits = sorted((k for k in rows[0] if k.startswith("exit@")),
                    key=lambda k: depth.index(k[5:]) if k[5:] in depth else len(depth))
