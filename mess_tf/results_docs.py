@@ -373,6 +373,7 @@ TABLES = {
     "things-headline": Table("headline_things.json", lambda d: headline_rows(d, README_HEADLINE_KEYS)),
     "things-goals": Table("headline_things.json", headline_goals),
     "things-ceilings": Table("headline_things.json", headline_ceilings),
+    "things-stage2-curves": Table("headline_things.json", stage2_curves),
     "third-exit": Table("headline.json", third_exit),
     "training-ablation": Table("headline.json", training_ablation),
     "latency-composition": Table("latency_model.json", composition),
