@@ -175,12 +175,6 @@ def key_values(section, format=cell):
     return report.markdown_table(rows, ["quantity", "value"])
 
 
-def headline_noise(data):
-    """The noise floor of the demo's splits (bootstrap), as stored."""
-    noise = _headline(data).get("noise")
-    return key_values(noise) if noise else "(no noise floor in this headline.json)"
-
-
 def headline_data(data):
     """What the demo data's labelled pixels are made of, beside published scene datasets."""
     stats = _headline(data)["data"]
@@ -219,10 +213,35 @@ def stage2_speed(data):
     return table(data["rows"], auto_columns(data["rows"], first=("way",)))
 
 
+# A stage-2 step of each way, as the sum of the parts it runs (stage2_speed.py's part names).
+STAGE2_STEPS = {
+    "direct": ("input pipeline (decode, scale, crop)", "frozen pass (backbone + final head)",
+               "exit heads forward + backward, losses at 1/1"),
+    "stored": ("read a stored batch (a later, shuffled pass)", "exit heads forward + backward, losses at 1/1"),
+    "stored_loss_stride": ("read a stored batch (a later, shuffled pass)",
+                           "exit heads forward + backward, losses at 1/4"),
+}
+
+
 def stage2_parts(data):
-    """The parts of a stage-2 step, each alone (median ms per batch)."""
-    rows = [{"part": k, "ms per batch": v} for k, v in data["parts_ms"].items()]
-    return table(rows, [Column("part", "part"), Column("ms per batch", "ms per batch", fixed(1))])
+    """The parts of a stage-2 step, each alone (median ms per batch), then each way's step as the
+    sum of the parts it runs: the parts were timed taking turns, so these ratios are side by side."""
+    parts = data["parts_ms"]
+    rows = [{"part": k, "ms per batch": v} for k, v in parts.items()]
+    text = table(rows, [Column("part", "part"), Column("ms per batch", "ms per batch", fixed(1))])
+    batch = data.get("batch_size", 16)  # files without it: the demo presets' batch
+    steps = [{"way": way, "parts": " + ".join(names), "ms per step": sum(parts[n] for n in names)}
+             for way, names in STAGE2_STEPS.items() if all(n in parts for n in names)]
+    if not steps:
+        return text
+    direct = steps[0]["ms per step"]
+    for row in steps:
+        row["images/s"] = 1000 * batch / row["ms per step"]
+        row["vs direct"] = direct / row["ms per step"]
+    return text + "\n\n" + table(steps, [Column("way", "way"), Column("parts", "parts summed"),
+                                          Column("ms per step", "ms per step", fixed(1)),
+                                          Column("images/s", "images/s", fixed(1)),
+                                          Column("vs direct", "throughput vs direct", TIMES)])
 
 
 def third_exit(data):
@@ -364,7 +383,6 @@ TABLES = {
     "headline-rows": Table("headline.json", headline_rows),
     "headline-goals": Table("headline.json", headline_goals),
     "headline-ceilings": Table("headline.json", headline_ceilings),
-    "headline-noise": Table("headline.json", headline_noise),
     "headline-data": Table("headline.json", headline_data),
     "headline-sizing": Table("headline.json", headline_sizing),
     "stage2-curves": Table("headline.json", stage2_curves),
