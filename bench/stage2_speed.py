@@ -82,7 +82,7 @@ def minutes_to_flat(curve):
     1 pp over its last 20% of steps; None if it never did."""
     exits = [k for k in curve[0]["miou"] if k != FINAL_EXIT] if curve else []
     for end in range(1, len(curve) + 1):
-        gains = [headline.tail_gain([(c["step"], c["miou"][e]) for c in curve[:end]]) for e in exits]
+        gains = [report.tail_gain([(c["step"], c["miou"][e]) for c in curve[:end]]) for e in exits]
         if gains and all(g is not None and g < headline.FLAT_GAIN_PP for g in gains):
             return curve[end - 1]["minutes"]
     return None

@@ -32,8 +32,7 @@ LATENCY_PREDICTION_RTOL = 0.10
 MIOU_PREDICTION_PP = 0.5
 # The network MESS converts must have learned its task, and finished learning it.
 BASELINE_MIOU = 60.0
-FLAT_TAIL = 0.2  # the last fifth of the baseline's steps ...
-FLAT_GAIN_PP = 1.0  # ... gain less than this on the validation curve
+FLAT_GAIN_PP = 1.0  # a flat validation curve gains less than this over its last report.FLAT_TAIL of steps
 COLUMNS = ("name", "steps", "miou_test", "vs_bar_pp", "vs_mess_final_pp", "miou_predicted", "miou_test_cache",
            "miou_float_cache", "macs", "mac_reduction", "latency_ms", "latency_ms_predicted", "speedup",
            "exit_fractions", "exit_fractions_predicted")
@@ -196,18 +195,6 @@ def rows(exp, evaluation, counts):
     return out
 
 
-def tail_gain(curve, tail=FLAT_TAIL):
-    """Validation mIoU (pp) gained over the last `tail` of a learning curve's steps: the last point
-    against the latest one at or before (1 - tail) of the steps. None without such a point.
-
-    Args:
-      curve: [(step, mIoU in %)], in step order.
-    """
-    start = (1 - tail) * curve[-1][0] if curve else 0
-    before = [miou for step, miou in curve if step <= start]
-    return curve[-1][1] - before[-1] if curve and before else None
-
-
 def _ci(values):
     return f"[{values[0]:+.2f}, {values[1]:+.2f}]"
 
@@ -222,11 +209,11 @@ def goals(headline_rows, oracle_result, baseline_curve=(), stage2_curves=None):
       stage2_curves: {exit id: [(step, validation mIoU in %)]} of stage 2 (None: not recorded).
     """
     by_name = {r["name"]: r for r in headline_rows}
-    gain = tail_gain(list(baseline_curve))
+    gain = report.tail_gain(list(baseline_curve))
     base, bar, final = by_name["baseline"], by_name[BAR], by_name[MESS_FINAL]
     no_loss, same_cost = by_name["no_loss"], by_name["baseline_cost"]
     bar_gain = bar["miou_test"] - base["miou_test"]
-    exit_gains = {e: tail_gain(c) for e, c in (stage2_curves or {}).items()}
+    exit_gains = {e: report.tail_gain(c) for e, c in (stage2_curves or {}).items()}
     worst_exit = max(exit_gains, key=lambda e: exit_gains[e] if exit_gains[e] is not None else np.inf,
                      default=None)
     savings = (1 - 1 / no_loss["speedup"]) / max(1 - 1 / oracle_result["speedup"], 1e-9)
@@ -238,13 +225,13 @@ def goals(headline_rows, oracle_result, baseline_curve=(), stage2_curves=None):
     return [
         {"goal": "baseline: test mIoU (int8)", "target": f">= {BASELINE_MIOU:.0f}%",
          "measured": f"{base['miou_test']:.2f}%", "met": base["miou_test"] >= BASELINE_MIOU},
-        {"goal": f"baseline: validation mIoU gained over its last {FLAT_TAIL:.0%} of steps",
+        {"goal": f"baseline: validation mIoU gained over its last {report.FLAT_TAIL:.0%} of steps",
          "target": f"< {FLAT_GAIN_PP:.0f} pp", "measured": "no curve" if gain is None else f"{gain:+.2f} pp",
          "met": gain is not None and gain < FLAT_GAIN_PP},
         {"goal": "the bar (same-budget baseline): test mIoU gained over the baseline", "target": f"< {BAR_GAIN_PP} pp",
          "measured": f"{bar_gain:+.2f} pp, 95% {_ci([-v for v in base['vs_bar_ci95']][::-1])}",
          "met": bar_gain < BAR_GAIN_PP},
-        {"goal": f"stage 2: every exit's validation mIoU gained over its last {FLAT_TAIL:.0%} of steps",
+        {"goal": f"stage 2: every exit's validation mIoU gained over its last {report.FLAT_TAIL:.0%} of steps",
          "target": f"< {FLAT_GAIN_PP:.0f} pp",
          "measured": "no curves" if worst_exit is None or exit_gains[worst_exit] is None
          else f"worst {exit_gains[worst_exit]:+.2f} pp ({worst_exit})",

@@ -13,6 +13,20 @@ import numpy as np  # noqa: E402
 
 from mess_tf import io_utils  # noqa: E402
 
+FLAT_TAIL = 0.2  # the share of a learning curve's last steps whose gain says whether it is flat
+
+
+def tail_gain(curve, tail=FLAT_TAIL):
+    """Validation mIoU (pp) gained over the last `tail` of a learning curve's steps: the last point
+    against the latest one at or before (1 - tail) of the steps. None without such a point.
+
+    Args:
+      curve: [(step, mIoU in %)], in step order.
+    """
+    start = (1 - tail) * curve[-1][0] if curve else 0
+    before = [miou for step, miou in curve if step <= start]
+    return curve[-1][1] - before[-1] if curve and before else None
+
 
 def _save(fig, path):
     buffer = io.BytesIO()

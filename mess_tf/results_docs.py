@@ -200,11 +200,8 @@ def stage2_curves(data):
     curves = _headline(data).get("stage2_curves") or {}
     rows = []
     for eid, points in curves.items():
-        start = 0.8 * points[-1][0]
-        before = [m for step, m in points if step <= start]
-        row = {"exit": eid, **{f"step {step}": miou for step, miou in points}}
-        row["gain over the last 20% (pp)"] = points[-1][1] - before[-1] if before else None
-        rows.append(row)
+        rows.append({"exit": eid, **{f"step {step}": miou for step, miou in points},
+                     "gain over the last 20% (pp)": report.tail_gain(points)})
     return table(rows, auto_columns(rows, first=("exit",))) if rows else "(no stage-2 curves in this headline.json)"
 
 

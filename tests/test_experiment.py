@@ -11,9 +11,9 @@ import pytest
 
 from mess_tf import experiment
 from mess_tf.deployment import DeploymentConfig
-from mess_tf.headline import tail_gain
 from mess_tf.latency import host
 from mess_tf.latency import table as table_lib
+from mess_tf.report import tail_gain
 
 ROW_NAMES = ["baseline", "baseline_same_budget", "mess_final", "no_loss", "drop_1pp", "baseline_cost"]
 MESS_ROWS = ROW_NAMES[2:]  # the MESS network's final exit alone, and one deployment per requirement
